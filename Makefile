@@ -1,0 +1,48 @@
+# Every target sets itself up: a virtualenv under .venv with the project installed (editable).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SDK_VENV := .venv-sdk
+SDK_STAMP := $(SDK_VENV)/.installed
+
+.PHONY: all demo test lint format protos sdk-venv bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(SDK_STAMP): scripts/sdk_requirements.txt
+	$(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install --quiet -r scripts/sdk_requirements.txt
+	touch $@
+
+sdk-venv: $(SDK_STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/relay demo
+
+test: $(STAMP) $(SDK_STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/relay/pb/v1/*.proto
+
+bench: $(STAMP)
+	$(VENV)/bin/relay bench
+
+clean:
+	rm -rf $(VENV) $(SDK_VENV) .pytest_cache .mypy_cache .ruff_cache

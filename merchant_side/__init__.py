@@ -1,0 +1,1 @@
+"""The merchant's trust zone: the MerchantGateway gRPC service. Never sees card data."""

@@ -1,0 +1,215 @@
+"""Typed settings from the environment: one frozen dataclass per concern.
+
+`Settings.from_env(env)` runs once per entry point and is passed down. Secrets come from
+`RELAY_*_FILE` paths (or, for local use, the variable itself) into Secret. Every problem is
+collected into one ConfigError naming variables, never values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+
+from relay.errors import ConfigError
+from relay.flex.signing import decode_shared_secret
+from relay.secrets import Secret
+
+DEFAULT_FLEX_URL = "https://apitest.cybersource.com"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FlexCredentials:
+    """The merchant's REST credentials for HTTP Signature authentication."""
+
+    merchant_id: str
+    """The Cybersource merchant id, sent as v-c-merchant-id."""
+    key_id: str
+    """The shared-secret key id, sent as keyid in the Signature header."""
+    shared_secret: Secret[bytes]
+    """The base64-decoded shared secret."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FlexConfig:
+    """Where Flex is and how to talk to it."""
+
+    base_url: str = DEFAULT_FLEX_URL
+    """Sessions and public keys are fetched from here, and only from here."""
+    credentials: FlexCredentials | None = None
+    """Needed to create sessions (merchant side); the PCI side posts tokens unauthenticated."""
+    allowed_origins: frozenset[str] = frozenset()
+    """Origins a capture context may send the JWE to; empty means the base URL's origin."""
+    timeout: float = 10.0
+    """Seconds for a whole Flex call (read, write, pool)."""
+    connect_timeout: float = 3.0
+    """Seconds to open a connection."""
+    max_attempts: int = 3
+    """Attempts for retryable calls (sessions, public keys)."""
+    backoff_initial: float = 0.1
+    """First backoff cap in seconds; doubles per attempt, full jitter."""
+    backoff_max: float = 2.0
+    """Upper bound for one backoff sleep."""
+    ca_file: str | None = None
+    """A PEM bundle to trust instead of the system's (test CAs, private gateways)."""
+    leeway: int = 60
+    """Seconds of clock skew tolerated on iat."""
+
+    @property
+    def origins(self) -> frozenset[str]:
+        """The effective allow-list of capture-context origins."""
+        return self.allowed_origins or frozenset({origin_of(self.base_url)})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a relay process reads from its environment."""
+
+    flex: FlexConfig
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read RELAY_* variables, collecting every problem into one ConfigError."""
+        reader = EnvReader(env)
+        settings = cls(
+            flex=flex_config(reader), log_level=reader.choice("RELAY_LOG_LEVEL", LOG_LEVELS, "info")
+        )
+        reader.raise_problems()
+        return settings
+
+
+def origin_of(url: str) -> str:
+    """scheme://host[:port] of a URL, lower-cased, default ports dropped."""
+    parts = urllib.parse.urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port and parts.port != default else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def flex_config(reader: EnvReader) -> FlexConfig:
+    """Read the RELAY_FLEX_* variables."""
+    base_url = reader.url("RELAY_FLEX_BASE_URL", DEFAULT_FLEX_URL)
+    origins = frozenset(
+        origin_of(item) for item in reader.list("RELAY_FLEX_ALLOWED_ORIGINS") if reader.is_url(item)
+    )
+    if len(origins) != len(reader.list("RELAY_FLEX_ALLOWED_ORIGINS")):
+        reader.problem("RELAY_FLEX_ALLOWED_ORIGINS must be a comma-separated list of URLs")
+    return FlexConfig(
+        base_url=base_url,
+        credentials=flex_credentials(reader),
+        allowed_origins=origins,
+        timeout=reader.number("RELAY_FLEX_TIMEOUT_SECONDS", 10.0),
+        connect_timeout=reader.number("RELAY_FLEX_CONNECT_TIMEOUT_SECONDS", 3.0),
+        max_attempts=int(reader.number("RELAY_FLEX_MAX_ATTEMPTS", 3)),
+        ca_file=reader.path("RELAY_FLEX_CA_FILE"),
+    )
+
+
+def flex_credentials(reader: EnvReader) -> FlexCredentials | None:
+    """Read merchant id, key id and shared secret; all three or none."""
+    merchant_id = reader.get("RELAY_FLEX_MERCHANT_ID")
+    key_id = reader.get("RELAY_FLEX_KEY_ID")
+    secret_text = reader.secret_text("RELAY_FLEX_SHARED_SECRET")
+    given = [value is not None for value in (merchant_id, key_id, secret_text)]
+    if not any(given):
+        return None
+    if not all(given):
+        reader.problem(
+            "RELAY_FLEX_MERCHANT_ID, RELAY_FLEX_KEY_ID and RELAY_FLEX_SHARED_SECRET_FILE "
+            "go together"
+        )
+        return None
+    assert merchant_id is not None and key_id is not None and secret_text is not None
+    try:
+        secret = decode_shared_secret(secret_text)
+    except ValueError:
+        reader.problem("RELAY_FLEX_SHARED_SECRET_FILE does not hold a base64 shared secret")
+        return None
+    return FlexCredentials(merchant_id, key_id, secret)
+
+
+class EnvReader:
+    """Reads typed values from an env mapping and collects problems instead of raising."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        """Wrap the mapping (os.environ in production, a dict in tests)."""
+        self._env = env
+        self._problems: list[str] = []
+
+    def problem(self, text: str) -> None:
+        """Record a problem (a variable name and what is wrong, never its value)."""
+        self._problems.append(text)
+
+    def raise_problems(self) -> None:
+        """Raise one ConfigError listing every problem, if there were any."""
+        if self._problems:
+            raise ConfigError(self._problems)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """A stripped string, or the default when unset or empty."""
+        value = self._env.get(name, "").strip()
+        return value or default
+
+    def list(self, name: str) -> list[str]:
+        """A comma-separated list."""
+        return [item.strip() for item in (self.get(name) or "").split(",") if item.strip()]
+
+    def number(self, name: str, default: float) -> float:
+        """A positive number."""
+        text = self.get(name)
+        if text is None:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            self.problem(f"{name} must be a positive number")
+            return default
+        return value
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        """One of a fixed set of words."""
+        value = (self.get(name) or default).lower()
+        if value not in allowed:
+            self.problem(f"{name} must be one of {', '.join(allowed)}")
+            return default
+        return value
+
+    def is_url(self, text: str) -> bool:
+        """Whether text is an http(s) URL with a host."""
+        parts = urllib.parse.urlsplit(text)
+        return parts.scheme in {"http", "https"} and bool(parts.hostname)
+
+    def url(self, name: str, default: str) -> str:
+        """An http(s) URL without a trailing slash."""
+        value = self.get(name, default) or default
+        if not self.is_url(value):
+            self.problem(f"{name} must be an http(s) URL")
+            return default
+        return value.rstrip("/")
+
+    def path(self, name: str) -> str | None:
+        """A path to an existing file."""
+        value = self.get(name)
+        if value is not None and not Path(value).is_file():
+            self.problem(f"{name} names a file that does not exist")
+            return None
+        return value
+
+    def secret_text(self, name: str) -> str | None:
+        """A secret from the file named by NAME_FILE, or (for local use) from NAME itself."""
+        path = self.path(f"{name}_FILE")
+        if path is not None:
+            try:
+                return Path(path).read_text(encoding="utf-8").strip() or None
+            except (OSError, UnicodeDecodeError):
+                self.problem(f"{name}_FILE cannot be read as text")
+                return None
+        return self.get(name)
