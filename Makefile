@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The official Cybersource SDK lives in its own virtualenv (it needs an old setuptools).
 $(SDK_STAMP): scripts/sdk_requirements.txt
+	rm -rf $(SDK_VENV)
 	$(PYTHON) -m venv $(SDK_VENV)
 	$(SDK_VENV)/bin/python -m pip install --quiet -r scripts/sdk_requirements.txt
 	touch $@

@@ -1,5 +1,8 @@
-"""The `relay` command. It knows neither side: subcommands come from the `relay.commands`
-entry-point group, so merchant_side and pci_side add theirs without relay importing them."""
+"""The `relay` command.
+
+It knows neither side: subcommands come from the `relay.commands` entry-point group, so
+merchant_side and pci_side add theirs without relay importing them.
+"""
 
 from __future__ import annotations
 

@@ -125,7 +125,9 @@ def flex_credentials(reader: EnvReader) -> FlexCredentials | None:
             "go together"
         )
         return None
-    assert merchant_id is not None and key_id is not None and secret_text is not None
+    assert merchant_id is not None
+    assert key_id is not None
+    assert secret_text is not None
     try:
         secret = decode_shared_secret(secret_text)
     except ValueError:

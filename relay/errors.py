@@ -12,9 +12,9 @@ RelayError                       INTERNAL             INTERNAL
  +- PermissionDenied             PERMISSION_DENIED    PERMISSION_DENIED
  +- RateLimited                  RESOURCE_EXHAUSTED   RATE_LIMITED
  +- FlexError                    INTERNAL             FLEX_ERROR
- |   +- FlexRejected             FAILED_PRECONDITION  FLEX_REJECTED (+ flex_reason from responseStatus)
+ |   +- FlexRejected             FAILED_PRECONDITION  FLEX_REJECTED (+ flex_reason, 4xx)
  |   +- FlexAuthFailed           FAILED_PRECONDITION  FLEX_AUTH_FAILED (401 from the gateway)
- |   +- FlexUnavailable          UNAVAILABLE          FLEX_UNAVAILABLE (5xx, 429, transport; retryable)
+ |   +- FlexUnavailable          UNAVAILABLE          FLEX_UNAVAILABLE (5xx, 429, network)
  |   +- FlexResponseInvalid      UNAVAILABLE          FLEX_RESPONSE_INVALID (bad body or Digest)
  +- PublicKeyNotFound            INVALID_ARGUMENT     PUBLIC_KEY_NOT_FOUND
  +- ConfigError                  startup only: a message and exit code 2, never on the wire

@@ -103,9 +103,9 @@ def encrypt_card_jwe(card: CardData, ctx: CaptureContext, *, alg: str = JWE_ALG)
         token = jwe.JWE(
             json.dumps(payload, separators=(",", ":")).encode("utf-8"),
             protected=json.dumps(header, separators=(",", ":")),
-            recipient=_public_key(ctx.one_time_jwk),
             algs=[JWE_ALG, "RSA-OAEP-256", JWE_ENC],
         )
+        token.add_recipient(_public_key(ctx.one_time_jwk))
         return str(token.serialize(compact=True))
     except (JWException, ValueError, TypeError):
         # from None: the jwcrypto objects in the chained frames hold the plaintext.
@@ -148,12 +148,12 @@ def signature_valid(unverified_token: str, public_key: Mapping[str, Any]) -> boo
 def validate_public_jwk(candidate: object) -> dict[str, str]:
     """Check a JWK from /public-keys or flx.jwk is an RSA public key of useful size."""
     if not isinstance(candidate, Mapping):
-        raise ValueError("key is not a JSON object")
+        raise ValueError("key is not a JSON object")  # noqa: TRY004  one error type for callers
     if candidate.get("kty") != "RSA" or "d" in candidate:
         raise ValueError("key is not an RSA public key")
     modulus, exponent = candidate.get("n"), candidate.get("e")
     if not isinstance(modulus, str) or not isinstance(exponent, str):
-        raise ValueError("key lacks n or e")
+        raise ValueError("key lacks n or e")  # noqa: TRY004  one error type for callers
     try:
         bits = int.from_bytes(_b64url_decode(modulus), "big").bit_length()
     except (binascii.Error, ValueError):
@@ -267,8 +267,8 @@ def _transient_token_from(
     if token_type != ctx.context_type:
         raise invalid("transient token type does not match the context", jti=jti)
     card = _card_content(claims)
-    number = card.get("number") if isinstance(card.get("number"), dict) else {}
-    card_type = card.get("type") if isinstance(card.get("type"), dict) else {}
+    number = _object(card.get("number"))
+    card_type = _object(card.get("type"))
     detected = number.get("detectedCardTypes") or card.get("detectedCardTypes") or [""]
     return TransientToken(
         raw=raw,
@@ -287,10 +287,14 @@ def _transient_token_from(
 
 
 def _card_content(claims: Mapping[str, Any]) -> dict[str, Any]:
-    node: Any = claims.get("content", {})
+    node = _object(claims.get("content"))
     for part in ("paymentInformation", "card"):
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    return node if isinstance(node, dict) else {}
+        node = _object(node.get(part))
+    return node
+
+
+def _object(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _card_fields(card: CardData, ctx: CaptureContext) -> dict[str, Any]:

@@ -107,7 +107,8 @@ class FlexSimulator:
         except InvalidFieldSpec as exc:
             raise invalid(exc.message, exc.ids.get("field", "fields")) from None
         context = await self._capture_context(
-            merchant, origin=self.origin or f"{request.url.scheme}://{request.headers['host']}",
+            merchant,
+            origin=self.origin or f"{request.url.scheme}://{request.headers['host']}",
             required=[s.path for s in specs if s.required],
             optional=[s.path for s in specs if not s.required],
         )
@@ -169,7 +170,12 @@ class FlexSimulator:
                 "origin": origin,
                 "jwk": jwt.public_jwk(key.public_key(), kid),
             },
-            "ctx": [{"data": {"requiredFields": required, "optionalFields": optional}, "type": CONTEXT_TYPE}],
+            "ctx": [
+                {
+                    "data": {"requiredFields": required, "optionalFields": optional},
+                    "type": CONTEXT_TYPE,
+                }
+            ],
             "iss": "Flex API",
             "exp": exp,
             "iat": now,
@@ -185,7 +191,9 @@ class FlexSimulator:
             raise invalid("Payload is not a compact JWE") from None
         key = self.one_time.find(kid)
         if key is None:
-            raise ApiError(400, "CAPTURE_CONTEXT_EXPIRED", "The key for this payload is unknown or expired")
+            raise ApiError(
+                400, "CAPTURE_CONTEXT_EXPIRED", "The key for this payload is unknown or expired"
+            )
         try:
             payload = json.loads(jwt.decrypt_jwe(token, key))
         except (jwt.TokenError, ValueError):
@@ -194,10 +202,14 @@ class FlexSimulator:
             raise invalid("index must be 0", "index")
         record, required, optional = self._check_context(payload.get("context"), kid)
         values = normalize_data(payload.get("data"))
-        check_fields(values, required, optional, dt.datetime.fromtimestamp(self.clock(), dt.UTC).date())
+        check_fields(
+            values, required, optional, dt.datetime.fromtimestamp(self.clock(), dt.UTC).date()
+        )
         return values, record, key
 
-    def _check_context(self, context: object, kid: str) -> tuple[SessionRecord, list[str], list[str]]:
+    def _check_context(
+        self, context: object, kid: str
+    ) -> tuple[SessionRecord, list[str], list[str]]:
         bad = ApiError(400, "CAPTURE_CONTEXT_INVALID", "Capture context is invalid", "context")
         if not isinstance(context, str):
             raise bad
@@ -212,7 +224,11 @@ class FlexSimulator:
             raise ApiError(400, "CAPTURE_CONTEXT_EXPIRED", "Capture context has expired", "context")
         flx = claims.get("flx") or {}
         record = SessionRecord.open(flx.get("data"), self._record_key)
-        if (flx.get("jwk") or {}).get("kid") != kid or record.kid != kid or record.jti != claims.get("jti"):
+        if (
+            (flx.get("jwk") or {}).get("kid") != kid
+            or record.kid != kid
+            or record.jti != claims.get("jti")
+        ):
             raise bad
         data = claims["ctx"][0]["data"]
         return record, list(data["requiredFields"]), list(data["optionalFields"])

@@ -15,6 +15,7 @@ from relay.flexsim.auth import MerchantKey
 from relay.flexsim.faults import Faults
 from relay.flexsim.server import bind, serve
 from relay.logging import configure_logging
+from relay.secrets import Secret
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,14 +65,16 @@ def _serve(args: argparse.Namespace) -> int:
     log = structlog.get_logger("relay.flexsim")
 
     def ready() -> None:
-        log.info("flexsim_listening", url=f"{scheme}://{host}:{port}", kid=sim.long_term.current.kid)
+        log.info(
+            "flexsim_listening", url=f"{scheme}://{host}:{port}", kid=sim.long_term.current.kid
+        )
 
     asyncio.run(serve(sim, sock, tls=tls, on_ready=ready))
     log.info("flexsim_stopped", sessions=sim.stats.sessions, tokens=sim.stats.tokens)
     return 0
 
 
-def _secret(args: argparse.Namespace) -> object:
+def _secret(args: argparse.Namespace) -> Secret[bytes]:
     text = args.shared_secret
     if args.shared_secret_file is not None:
         try:

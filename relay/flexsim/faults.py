@@ -27,18 +27,22 @@ class Faults:
     """Share of requests answered 429 with Retry-After: 1."""
     drop_rate: float = 0.0
     """Share of requests whose connection is closed after the response started."""
-    paths: frozenset[str] = field(default_factory=lambda: frozenset({"sessions", "tokens", "public-keys"}))
+    paths: frozenset[str] = field(
+        default_factory=lambda: frozenset({"sessions", "tokens", "public-keys"})
+    )
     """Which endpoints are affected: sessions, tokens, public-keys."""
 
 
-class DroppedConnection(Exception):  # noqa: N818  a deliberate fault, not an error
+class DroppedConnection(Exception):
     """Raised mid-response so that the server closes the connection."""
 
 
 class FaultMiddleware:
     """Applies Faults to /flex/v2/ endpoints."""
 
-    def __init__(self, app: ASGIApp, faults: Faults, rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self, app: ASGIApp, faults: Faults, rng: Callable[[], float] = random.random
+    ) -> None:
         """Wrap the app."""
         self._app = app
         self.faults = faults
@@ -54,10 +58,18 @@ class FaultMiddleware:
         if faults.latency > 0:
             await asyncio.sleep(faults.latency)
         if faults.drop_rate and self._rng() < faults.drop_rate:
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"64")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"64")],
+                }
+            )
             raise DroppedConnection
         if faults.error_rate and self._rng() < faults.error_rate:
-            await _send_fault(send, 503, "SERVICE_UNAVAILABLE", "The service is temporarily unavailable")
+            await _send_fault(
+                send, 503, "SERVICE_UNAVAILABLE", "The service is temporarily unavailable"
+            )
             return
         if faults.throttle_rate and self._rng() < faults.throttle_rate:
             await _send_fault(send, 429, "TOO_MANY_REQUESTS", "Too many requests", retry_after=True)
@@ -75,8 +87,12 @@ def _endpoint(scope: Scope) -> str | None:
     return None
 
 
-async def _send_fault(send: Send, status: int, reason: str, message: str, *, retry_after: bool = False) -> None:
-    body = json.dumps({"responseStatus": {"status": status, "reason": reason, "message": message}}).encode()
+async def _send_fault(
+    send: Send, status: int, reason: str, message: str, *, retry_after: bool = False
+) -> None:
+    body = json.dumps(
+        {"responseStatus": {"status": status, "reason": reason, "message": message}}
+    ).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after:
         headers.append((b"retry-after", b"1"))

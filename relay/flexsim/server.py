@@ -42,11 +42,11 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket with TCP_NODELAY set (inherited by accepted connections)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, True)  # noqa: FBT003
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)  # noqa: FBT003
     sock.bind((host, port))
     sock.listen(1024)
-    sock.setblocking(False)
+    sock.setblocking(False)  # noqa: FBT003
     return sock
 
 
@@ -70,7 +70,7 @@ async def serve(
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
+    while not server.started and not task.done():  # noqa: ASYNC110  uvicorn exposes a flag only
         await asyncio.sleep(0.01)
     if server.started and on_ready is not None:
         on_ready()

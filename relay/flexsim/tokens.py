@@ -120,7 +120,9 @@ def _check_card(values: Mapping[str, str], today: dt.date) -> None:
     card_type = values.get(fields.CARD_TYPE)
     if card_type is not None and not (card_type.isdigit() and len(card_type) == 3):
         raise invalid("Invalid card type", fields.CARD_TYPE)
-    _check_expiry(values.get(fields.CARD_EXPIRATION_MONTH), values.get(fields.CARD_EXPIRATION_YEAR), today)
+    _check_expiry(
+        values.get(fields.CARD_EXPIRATION_MONTH), values.get(fields.CARD_EXPIRATION_YEAR), today
+    )
 
 
 def _check_expiry(month: str | None, year: str | None, today: dt.date) -> None:
@@ -142,7 +144,9 @@ def _check_expiry(month: str | None, year: str | None, today: dt.date) -> None:
 def token_content(values: Mapping[str, str]) -> dict[str, Any]:
     """The TT's `content`: masked number and BIN, type and expiry values, markers for the rest."""
     number = values[fields.CARD_NUMBER]
-    card: dict[str, Any] = {"number": {"maskedValue": "X" * (len(number) - 4) + number[-4:], "bin": number[:6]}}
+    card: dict[str, Any] = {
+        "number": {"maskedValue": "X" * (len(number) - 4) + number[-4:], "bin": number[:6]}
+    }
     detected = detect_card_type(number[:8])
     if fields.CARD_TYPE in values:
         card["type"] = {"value": values[fields.CARD_TYPE]}
