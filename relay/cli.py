@@ -11,7 +11,7 @@ import importlib.metadata
 import sys
 from collections.abc import Sequence
 
-from relay.errors import ConfigError
+from relay.errors import ConfigError, RelayError
 
 ENTRY_POINT_GROUP = "relay.commands"
 
@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)  # noqa: T201  the CLI's own error channel
         return 2
+    except RelayError as exc:
+        print(f"relay: {exc.message} ({exc.reason})", file=sys.stderr)  # noqa: T201
+        return 1
     except KeyboardInterrupt:
         return 130
     return result
