@@ -205,12 +205,10 @@ class SecurityCode:
 
 def parse_expiry(month: str | int, year: str | int) -> tuple[int, int]:
     """Parse an expiry month (1-12) and a year (two or four digits) into (month, yyyy)."""
-    try:
-        month_value = int(str(month).strip(), 10)
-        year_text = str(year).strip()
-        year_value = int(year_text, 10)
-    except ValueError:
-        raise InvalidCardData("expiry month and year must be numbers") from None
+    month_text, year_text = str(month).strip(), str(year).strip()
+    if not all(text.isascii() and text.isdigit() for text in (month_text, year_text)):
+        raise InvalidCardData("expiry month and year must be numbers")
+    month_value, year_value = int(month_text), int(year_text)
     if not 1 <= month_value <= 12:
         raise InvalidCardData("expiry month must be 1 to 12")
     if len(year_text) == 2:
@@ -236,11 +234,15 @@ class CardData:
     card_type: str | None = None
 
     def __post_init__(self) -> None:
-        """Validate the expiry and default the card type from the BIN."""
-        parse_expiry(self.expiration_month, self.expiration_year)
+        """Normalise the expiry to (1-12, yyyy) and default the card type from the BIN."""
+        month, year = parse_expiry(self.expiration_month, self.expiration_year)
+        object.__setattr__(self, "expiration_month", month)
+        object.__setattr__(self, "expiration_year", year)
         if self.card_type is None:
             object.__setattr__(self, "card_type", self.pan.card_type)
-        elif not (len(self.card_type) == 3 and self.card_type.isdigit()):
+        elif not (
+            len(self.card_type) == 3 and self.card_type.isascii() and self.card_type.isdigit()
+        ):
             raise InvalidCardData("card type must be a three-digit Cybersource code")
 
     def __repr__(self) -> str:

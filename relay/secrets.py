@@ -50,8 +50,10 @@ class Secret(Generic[T]):
         if not isinstance(other, Secret):
             return NotImplemented
         mine, theirs = self._value, other._value
-        if isinstance(mine, (bytes, str)) and isinstance(theirs, type(mine)):
-            return hmac.compare_digest(mine, theirs)  # type: ignore[arg-type]
+        if isinstance(mine, str) and isinstance(theirs, str):
+            return hmac.compare_digest(mine.encode(), theirs.encode())
+        if isinstance(mine, bytes) and isinstance(theirs, bytes):
+            return hmac.compare_digest(mine, theirs)
         return bool(mine == theirs)
 
     def __hash__(self) -> int:
