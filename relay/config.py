@@ -8,6 +8,7 @@ collected into one ConfigError naming variables, never values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -106,7 +107,7 @@ def flex_config(reader: EnvReader) -> FlexConfig:
         allowed_origins=origins,
         timeout=reader.number("RELAY_FLEX_TIMEOUT_SECONDS", 10.0),
         connect_timeout=reader.number("RELAY_FLEX_CONNECT_TIMEOUT_SECONDS", 3.0),
-        max_attempts=int(reader.number("RELAY_FLEX_MAX_ATTEMPTS", 3)),
+        max_attempts=reader.integer("RELAY_FLEX_MAX_ATTEMPTS", 3),
         ca_file=reader.path("RELAY_FLEX_CA_FILE"),
     )
 
@@ -116,6 +117,9 @@ def flex_credentials(reader: EnvReader) -> FlexCredentials | None:
     merchant_id = reader.get("RELAY_FLEX_MERCHANT_ID")
     key_id = reader.get("RELAY_FLEX_KEY_ID")
     secret_text = reader.secret_text("RELAY_FLEX_SHARED_SECRET")
+    if reader.get("RELAY_FLEX_SHARED_SECRET") is not None:
+        reader.problem("RELAY_FLEX_SHARED_SECRET is not read: put the secret in a file and set "
+                       "RELAY_FLEX_SHARED_SECRET_FILE")
     given = [value is not None for value in (merchant_id, key_id, secret_text)]
     if not any(given):
         return None
@@ -163,18 +167,28 @@ class EnvReader:
         return [item.strip() for item in (self.get(name) or "").split(",") if item.strip()]
 
     def number(self, name: str, default: float) -> float:
-        """A positive number."""
+        """A positive, finite number."""
         text = self.get(name)
         if text is None:
             return default
         try:
             value = float(text)
         except ValueError:
-            value = -1.0
-        if value <= 0:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
             self.problem(f"{name} must be a positive number")
             return default
         return value
+
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+        """A whole number of at least minimum."""
+        text = self.get(name)
+        if text is None:
+            return default
+        if not (text.isascii() and text.isdigit() and int(text) >= minimum):
+            self.problem(f"{name} must be a whole number of at least {minimum}")
+            return default
+        return int(text)
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
         """One of a fixed set of words."""
@@ -185,8 +199,12 @@ class EnvReader:
         return value
 
     def is_url(self, text: str) -> bool:
-        """Whether text is an http(s) URL with a host."""
-        parts = urllib.parse.urlsplit(text)
+        """Whether text is an http(s) URL with a host and, if any, a valid port."""
+        try:
+            parts = urllib.parse.urlsplit(text)
+            _ = parts.port
+        except ValueError:
+            return False
         return parts.scheme in {"http", "https"} and bool(parts.hostname)
 
     def url(self, name: str, default: str) -> str:
@@ -206,12 +224,12 @@ class EnvReader:
         return value
 
     def secret_text(self, name: str) -> str | None:
-        """A secret from the file named by NAME_FILE, or (for local use) from NAME itself."""
+        """A secret from the file named by NAME_FILE: secrets never sit in the environment."""
         path = self.path(f"{name}_FILE")
-        if path is not None:
-            try:
-                return Path(path).read_text(encoding="utf-8").strip() or None
-            except (OSError, UnicodeDecodeError):
-                self.problem(f"{name}_FILE cannot be read as text")
-                return None
-        return self.get(name)
+        if path is None:
+            return None
+        try:
+            return Path(path).read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            self.problem(f"{name}_FILE cannot be read as text")
+            return None

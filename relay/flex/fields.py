@@ -115,15 +115,21 @@ def _leaves(node: Mapping[str, object], prefix: str) -> list[FieldSpec]:
     specs: list[FieldSpec] = []
     for name, value in node.items():
         path = f"{prefix}{name}"
+        if path not in ALLOWED_FIELDS and not _is_branch(path):
+            raise InvalidFieldSpec(f"unknown Flex field {path!r}", field=path)
         if not isinstance(value, Mapping):
             raise InvalidFieldSpec(f"field {path!r} must be an object", field=path)
         if path in ALLOWED_FIELDS:
             specs.append(FieldSpec(path, _required_flag(value, path)))
-        elif value and all(isinstance(child, Mapping) for child in value.values()):
-            specs.extend(_leaves(value, path + "."))
+        elif not value:
+            raise InvalidFieldSpec(f"{path!r} names no field", field=path)
         else:
-            raise InvalidFieldSpec(f"unknown Flex field {path!r}", field=path)
+            specs.extend(_leaves(value, path + "."))
     return specs
+
+
+def _is_branch(path: str) -> bool:
+    return any(field.startswith(path + ".") for field in ALLOWED_FIELDS)
 
 
 def _required_flag(leaf: Mapping[str, object], path: str) -> bool:

@@ -12,9 +12,11 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from relay.errors import PublicKeyNotFound
 
+T = TypeVar("T")
 Fetch = Callable[[str], Awaitable[Mapping[str, str] | None]]
 
 
@@ -37,8 +39,8 @@ class PublicKeyStore:
         self._max_keys = max_keys
         self._clock = clock
         self._keys: OrderedDict[str, Mapping[str, str]] = OrderedDict()
-        self._fetched_at: dict[str, float] = {}
-        self._unknown_until: dict[str, float] = {}
+        self._fetched_at: OrderedDict[str, float] = OrderedDict()
+        self._unknown_until: OrderedDict[str, float] = OrderedDict()
         self._in_flight: dict[str, asyncio.Future[Mapping[str, str]]] = {}
 
     async def get(self, kid: str) -> Mapping[str, str]:
@@ -79,13 +81,19 @@ class PublicKeyStore:
     async def _load(self, kid: str) -> Mapping[str, str]:
         key = await self._fetch(kid)
         now = self._clock()
-        self._fetched_at[kid] = now
+        _put_bounded(self._fetched_at, kid, now, self._max_keys * 4)
         if key is None:
-            self._unknown_until[kid] = now + self._negative_ttl
+            # Bounded too: a flood of forged kids must not grow memory without limit.
+            _put_bounded(self._unknown_until, kid, now + self._negative_ttl, self._max_keys * 4)
             raise PublicKeyNotFound("Flex does not know this key id", kid=kid)
         self._unknown_until.pop(kid, None)
-        self._keys[kid] = key
-        while len(self._keys) > self._max_keys:
-            evicted, _ = self._keys.popitem(last=False)
-            self._fetched_at.pop(evicted, None)
+        _put_bounded(self._keys, kid, key, self._max_keys)
         return key
+
+
+def _put_bounded(table: OrderedDict[str, T], key: str, value: T, limit: int) -> None:
+    """Insert as newest, dropping the oldest entries beyond limit."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)

@@ -24,17 +24,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     actions = flexsim.add_subparsers(dest="action", required=True)
     run = actions.add_parser("serve", help="serve the simulator until SIGTERM")
     run.add_argument("--host", default="127.0.0.1")
-    run.add_argument("--port", type=int, default=8443, help="0 picks a free port")
+    run.add_argument("--port", type=_port, default=8443, help="0 picks a free port")
     run.add_argument("--merchant-id", required=True)
     run.add_argument("--key-id", required=True)
     secret = run.add_mutually_exclusive_group(required=True)
     secret.add_argument("--shared-secret", metavar="B64", help="the base64 shared secret")
     secret.add_argument("--shared-secret-file", type=Path, help="a file holding it")
-    run.add_argument("--context-ttl", type=int, default=900, metavar="SECONDS")
+    run.add_argument("--context-ttl", type=_positive, default=900, metavar="SECONDS")
     run.add_argument("--tls-cert", type=Path, metavar="PEM")
     run.add_argument("--tls-key", type=Path, metavar="PEM")
     run.add_argument("--origin", help="flx.origin to put in contexts (default: as requested)")
-    run.add_argument("--pool-size", type=int, default=32, help="one-time keys kept ready")
+    run.add_argument("--pool-size", type=_positive, default=32, help="one-time keys kept ready")
     run.add_argument("--fault-latency-ms", type=float, default=0.0)
     run.add_argument("--fault-error-rate", type=float, default=0.0, help="share answered 503")
     run.add_argument("--fault-throttle-rate", type=float, default=0.0, help="share answered 429")
@@ -42,6 +42,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument("--fault-paths", default="sessions,tokens,public-keys")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=_serve)
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError("a port is a whole number from 0 to 65535")
+    return int(text)
+
+
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError("must be a whole number above 0")
+    return int(text)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,227 @@
+"""Settings.from_env: typed settings from a dict, secrets from files, one ConfigError for all."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from relay.config import FlexConfig, FlexCredentials, Settings, origin_of
+from relay.errors import ConfigError
+from relay.secrets import Secret
+
+RAW_SECRET = b"shared-secret-bytes-for-config-tests-0123456789"
+B64_SECRET = base64.b64encode(RAW_SECRET).decode("ascii")
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    """A shared-secret file as a Kubernetes secret mount would hold it (with a newline)."""
+    path = tmp_path / "shared-secret"
+    path.write_text(B64_SECRET + "\n", encoding="utf-8")
+    return path
+
+
+def credentials_env(secret_path: Path) -> dict[str, str]:
+    return {
+        "RELAY_FLEX_MERCHANT_ID": "testrest",
+        "RELAY_FLEX_KEY_ID": "08c94330-f618-42a3-b09d-e1e43be5efda",
+        "RELAY_FLEX_SHARED_SECRET_FILE": str(secret_path),
+    }
+
+
+def config_error(env: dict[str, str]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    return info.value
+
+
+def test_an_empty_env_gives_the_defaults():
+    """With no variables set, every setting takes its documented default."""
+    expected = Settings(flex=FlexConfig(), log_level="info")
+    assert expected == Settings.from_env({})
+    assert "https://apitest.cybersource.com" == Settings.from_env({}).flex.base_url
+    assert None is Settings.from_env({}).flex.credentials
+
+
+def test_empty_values_count_as_unset():
+    """Variables set to blanks (as an empty ConfigMap entry gives) fall back to the defaults."""
+    env = {"RELAY_FLEX_BASE_URL": "  ", "RELAY_FLEX_TIMEOUT_SECONDS": "", "RELAY_LOG_LEVEL": ""}
+    assert Settings(flex=FlexConfig()) == Settings.from_env(env)
+
+
+def test_every_relay_flex_variable_is_read(secret_file: Path, tmp_path: Path):
+    """Each RELAY_FLEX_* variable and RELAY_LOG_LEVEL lands in its typed field."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n", encoding="ascii")
+    env = {
+        **credentials_env(secret_file),
+        "RELAY_FLEX_BASE_URL": "https://flexsim.internal:8443/",
+        "RELAY_FLEX_ALLOWED_ORIGINS": "https://Flex.Test:443/x, http://127.0.0.1:9000",
+        "RELAY_FLEX_TIMEOUT_SECONDS": "7.5",
+        "RELAY_FLEX_CONNECT_TIMEOUT_SECONDS": "1.5",
+        "RELAY_FLEX_MAX_ATTEMPTS": "5",
+        "RELAY_FLEX_CA_FILE": str(ca_file),
+        "RELAY_LOG_LEVEL": "DEBUG",
+    }
+    expected = Settings(
+        flex=FlexConfig(
+            base_url="https://flexsim.internal:8443",
+            credentials=FlexCredentials(
+                "testrest", "08c94330-f618-42a3-b09d-e1e43be5efda", Secret(RAW_SECRET)
+            ),
+            allowed_origins=frozenset({"https://flex.test", "http://127.0.0.1:9000"}),
+            timeout=7.5,
+            connect_timeout=1.5,
+            max_attempts=5,
+            ca_file=str(ca_file),
+        ),
+        log_level="debug",
+    )
+    assert expected == Settings.from_env(env)
+
+
+def test_the_shared_secret_is_read_from_its_file_and_decoded(secret_file: Path):
+    """RELAY_FLEX_SHARED_SECRET_FILE names a file of base64, and the settings hold its bytes."""
+    credentials = Settings.from_env(credentials_env(secret_file)).flex.credentials
+    assert credentials is not None
+    assert RAW_SECRET == credentials.shared_secret.get_secret_value()
+
+
+def test_a_merchant_id_without_a_secret_names_the_variables():
+    """A merchant id alone is one problem naming the three credential variables."""
+    error = config_error({"RELAY_FLEX_MERCHANT_ID": "testrest"})
+    assert 1 == len(error.problems)
+    named = [
+        name
+        for name in ("RELAY_FLEX_MERCHANT_ID", "RELAY_FLEX_KEY_ID", "RELAY_FLEX_SHARED_SECRET_FILE")
+        if name in error.problems[0]
+    ]
+    assert ["RELAY_FLEX_MERCHANT_ID", "RELAY_FLEX_KEY_ID", "RELAY_FLEX_SHARED_SECRET_FILE"] == named
+    assert "testrest" not in str(error)
+
+
+def test_every_problem_is_reported_in_one_error(tmp_path: Path):
+    """Several bad values at once give one ConfigError listing each problem, in reading order."""
+    env = {
+        "RELAY_FLEX_BASE_URL": "ftp://flex.test",
+        "RELAY_FLEX_ALLOWED_ORIGINS": "https://ok.test,not-a-url",
+        "RELAY_FLEX_KEY_ID": "key-without-merchant",
+        "RELAY_FLEX_TIMEOUT_SECONDS": "soon",
+        "RELAY_FLEX_CONNECT_TIMEOUT_SECONDS": "-1",
+        "RELAY_FLEX_MAX_ATTEMPTS": "0",
+        "RELAY_FLEX_CA_FILE": str(tmp_path / "missing.pem"),
+        "RELAY_LOG_LEVEL": "loud",
+    }
+    expected = [
+        "RELAY_FLEX_BASE_URL must be an http(s) URL",
+        "RELAY_FLEX_ALLOWED_ORIGINS must be a comma-separated list of URLs",
+        "RELAY_FLEX_MERCHANT_ID, RELAY_FLEX_KEY_ID and RELAY_FLEX_SHARED_SECRET_FILE go together",
+        "RELAY_FLEX_TIMEOUT_SECONDS must be a positive number",
+        "RELAY_FLEX_CONNECT_TIMEOUT_SECONDS must be a positive number",
+        "RELAY_FLEX_MAX_ATTEMPTS must be a whole number of at least 1",
+        "RELAY_FLEX_CA_FILE names a file that does not exist",
+        "RELAY_LOG_LEVEL must be one of debug, info, warning, error",
+    ]
+    error = config_error(env)
+    assert expected == error.problems
+    assert "invalid configuration: " + "; ".join(expected) == str(error)
+    leaked = [value for value in env.values() if value in str(error)]
+    assert [] == leaked
+
+
+@pytest.mark.parametrize("text", ["not base64!", "c2VjcmV0*", "===="])
+def test_a_bad_secret_file_is_named_without_its_value(tmp_path: Path, text: str):
+    """A secret file that is not base64 is named in the error; its content is never shown."""
+    path = tmp_path / "shared-secret"
+    path.write_text(text, encoding="utf-8")
+    error = config_error(credentials_env(path))
+    expected = ["RELAY_FLEX_SHARED_SECRET_FILE does not hold a base64 shared secret"]
+    assert expected == error.problems
+    assert text not in f"{error} {error!r} {error.args}"
+
+
+def test_a_missing_secret_file_is_named(tmp_path: Path):
+    """RELAY_FLEX_SHARED_SECRET_FILE pointing nowhere is reported by name."""
+    error = config_error(credentials_env(tmp_path / "absent"))
+    assert "RELAY_FLEX_SHARED_SECRET_FILE names a file that does not exist" in error.problems
+
+
+def test_the_settings_repr_hides_the_secret(secret_file: Path):
+    """Neither repr nor str of the settings shows the secret bytes or their base64."""
+    settings = Settings.from_env(credentials_env(secret_file))
+    rendered = f"{settings!r} {settings} {settings.flex} {settings.flex.credentials!r}"
+    found = [
+        form
+        for form in (repr(RAW_SECRET), RAW_SECRET.decode("ascii"), B64_SECRET)
+        if form in rendered
+    ]
+    assert [] == found
+    assert "Secret(**********)" in rendered
+
+
+@pytest.mark.parametrize("value", ["0.5", "2.5", "nan", "inf"])
+def test_max_attempts_must_be_a_positive_whole_number(value: str):
+    """RELAY_FLEX_MAX_ATTEMPTS that is not a whole number is a ConfigError, not 0 or a crash."""
+    error = config_error({"RELAY_FLEX_MAX_ATTEMPTS": value})
+    assert [True] == ["RELAY_FLEX_MAX_ATTEMPTS" in problem for problem in error.problems]
+
+
+@pytest.mark.parametrize("value", ["nan", "-inf"])
+@pytest.mark.parametrize(
+    "name", ["RELAY_FLEX_TIMEOUT_SECONDS", "RELAY_FLEX_CONNECT_TIMEOUT_SECONDS"]
+)
+def test_timeouts_must_be_positive_numbers(name: str, value: str):
+    """A NaN (not a positive number) or negative infinite timeout is refused by name."""
+    error = config_error({name: value})
+    assert [f"{name} must be a positive number"] == error.problems
+
+
+@pytest.mark.parametrize(
+    "url", ["https://flex.test:99999", "https://flex.test:port"], ids=["99999", "word"]
+)
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("RELAY_FLEX_BASE_URL", "RELAY_FLEX_BASE_URL must be an http(s) URL"),
+        (
+            "RELAY_FLEX_ALLOWED_ORIGINS",
+            "RELAY_FLEX_ALLOWED_ORIGINS must be a comma-separated list of URLs",
+        ),
+    ],
+    ids=["base-url", "allowed-origins"],
+)
+def test_a_url_with_a_bad_port_is_a_config_error(name: str, problem: str, url: str):
+    """A URL whose port is not a valid port number is reported by name, not raised as ValueError."""
+    assert [problem] == config_error({name: url}).problems
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://Example.com:443/x", "https://example.com"),
+        ("HTTPS://EXAMPLE.COM/", "https://example.com"),
+        ("http://example.com:80/a?b=c", "http://example.com"),
+        ("https://example.com:8443/flex/v2/tokens", "https://example.com:8443"),
+        ("http://example.com:443", "http://example.com:443"),
+        ("https://[::1]:8443/x", "https://[::1]:8443"),
+        ("https://[::1]:443", "https://[::1]"),
+        ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+    ],
+)
+def test_origin_of_normalises(url: str, expected: str):
+    """origin_of lower-cases scheme and host, drops the path and default ports, keeps others."""
+    assert expected == origin_of(url)
+
+
+def test_origins_fall_back_to_the_base_url_origin():
+    """With no allowed origins configured, the base URL's own origin is the allow-list."""
+    config = FlexConfig(base_url="https://FlexSim.internal:443")
+    assert frozenset({"https://flexsim.internal"}) == config.origins
+
+
+def test_configured_origins_replace_the_fallback():
+    """Configured allowed origins are the allow-list, without the base URL's origin."""
+    config = FlexConfig(allowed_origins=frozenset({"https://testflex.cybersource.com"}))
+    assert frozenset({"https://testflex.cybersource.com"}) == config.origins
