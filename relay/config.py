@@ -118,8 +118,10 @@ def flex_credentials(reader: EnvReader) -> FlexCredentials | None:
     key_id = reader.get("RELAY_FLEX_KEY_ID")
     secret_text = reader.secret_text("RELAY_FLEX_SHARED_SECRET")
     if reader.get("RELAY_FLEX_SHARED_SECRET") is not None:
-        reader.problem("RELAY_FLEX_SHARED_SECRET is not read: put the secret in a file and set "
-                       "RELAY_FLEX_SHARED_SECRET_FILE")
+        reader.problem(
+            "RELAY_FLEX_SHARED_SECRET is not read: put the secret in a file and set "
+            "RELAY_FLEX_SHARED_SECRET_FILE"
+        )
     given = [value is not None for value in (merchant_id, key_id, secret_text)]
     if not any(given):
         return None

@@ -98,7 +98,9 @@ async def _tokenize_all(config: FlexConfig, rounds: int) -> list[Outcome]:
 async def _tokenize(flex: FlexClient, label: str, card: CardData) -> Outcome:
     started = time.perf_counter()
     ctx = await flex.verify_capture_context(await flex.create_session())
-    token = flex.verify_transient_token(await flex.post_token(ctx, flex.encrypt_card(ctx, card)), ctx)
+    token = flex.verify_transient_token(
+        await flex.post_token(ctx, flex.encrypt_card(ctx, card)), ctx
+    )
     return Outcome(label, token, time.perf_counter() - started)
 
 
