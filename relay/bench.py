@@ -1,0 +1,115 @@
+"""`relay bench`: measured numbers for the closing notes, never timed assertions in tests.
+
+`relay bench flex` starts the simulator as its own process and times, over N rounds, one
+authenticated session (create + verify the capture context) and one token (encrypt + POST +
+verify the transient token), sequentially and then with C in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import secrets
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from relay.cards import CardData
+from relay.config import FlexConfig, FlexCredentials
+from relay.demo import DEMO_BINS, demo_card
+from relay.flex.client import FlexClient, new_http_client
+from relay.flex.models import CaptureContext
+from relay.flex.signing import decode_shared_secret
+from relay.procs import Child
+
+T = TypeVar("T")
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `bench` to the relay command."""
+    bench = commands.add_parser("bench", help="measure throughput and latency on loopback")
+    scenarios = bench.add_subparsers(dest="scenario", required=True)
+    flex = scenarios.add_parser("flex", help="sessions and tokens against the simulator")
+    flex.add_argument("--rounds", type=int, default=200)
+    flex.add_argument("--concurrency", type=int, default=8)
+    flex.add_argument("--pool-size", type=int, default=256, help="simulator one-time key pool")
+    flex.set_defaults(func=lambda a: asyncio.run(bench_flex(a.rounds, a.concurrency, a.pool_size)))
+
+
+async def bench_flex(rounds: int, concurrency: int, pool_size: int) -> int:
+    """Time sessions and tokens against a simulator child process; print a summary."""
+    secret = base64.b64encode(secrets.token_bytes(32)).decode()
+    sim = await Child.start(
+        "flexsim",
+        ["flexsim", "serve", "--port", "0", "--merchant-id", "bench", "--key-id", "bench-key",
+         "--shared-secret", secret, "--pool-size", str(pool_size)],
+        ready_event="flexsim_listening",
+    )  # fmt: skip
+    try:
+        credentials = FlexCredentials("bench", "bench-key", decode_shared_secret(secret))
+        config = FlexConfig(base_url=str(sim.ready.result()["url"]), credentials=credentials)
+        await asyncio.sleep(min(5.0, pool_size * 0.05))  # let the key pool fill
+        async with new_http_client(config) as http:
+            flex = FlexClient(http, config)
+            await _run_flex(flex, rounds, concurrency)
+    finally:
+        await sim.stop()
+    return 0
+
+
+async def _run_flex(flex: FlexClient, rounds: int, concurrency: int) -> None:
+    card = demo_card(*DEMO_BINS[0])
+    await _token_round(flex, card, [], [])  # warm up: connection, key cache
+    sessions: list[float] = []
+    tokens: list[float] = []
+    started = time.perf_counter()
+    for _ in range(rounds):
+        await _token_round(flex, card, sessions, tokens)
+    sequential = time.perf_counter() - started
+    _report(f"sequential, {rounds} rounds", sessions, tokens, rounds / sequential)
+    sessions, tokens = [], []
+    limit = asyncio.Semaphore(concurrency)
+
+    async def bounded() -> None:
+        async with limit:
+            await _token_round(flex, card, sessions, tokens)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(bounded() for _ in range(rounds)))
+    concurrent = time.perf_counter() - started
+    _report(f"{concurrency} in flight, {rounds} rounds", sessions, tokens, rounds / concurrent)
+
+
+async def _token_round(
+    flex: FlexClient, card: CardData, sessions: list[float], tokens: list[float]
+) -> None:
+    ctx = await _timed(sessions, lambda: _session(flex))
+    await _timed(tokens, lambda: _token(flex, ctx, card))
+
+
+async def _session(flex: FlexClient) -> CaptureContext:
+    return await flex.verify_capture_context(await flex.create_session())
+
+
+async def _token(flex: FlexClient, ctx: CaptureContext, card: CardData) -> None:
+    flex.verify_transient_token(await flex.post_token(ctx, flex.encrypt_card(ctx, card)), ctx)
+
+
+async def _timed(into: list[float], call: Callable[[], Awaitable[T]]) -> T:
+    started = time.perf_counter()
+    result = await call()
+    into.append((time.perf_counter() - started) * 1000)
+    return result
+
+
+def _report(title: str, sessions: list[float], tokens: list[float], rate: float) -> None:
+    print(f"{title}: {rate:.1f} session+token rounds/s")  # noqa: T201
+    for name, samples in (("session", sessions), ("token", tokens)):
+        ordered = sorted(samples)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        print(  # noqa: T201
+            f"  {name:8s} median {statistics.median(ordered):6.2f} ms  "
+            f"p90 {ordered[int(len(ordered) * 0.9)]:6.2f} ms  p99 {p99:6.2f} ms"
+        )
