@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
@@ -50,7 +51,7 @@ def new_http_client(config: FlexConfig, *, max_connections: int = 32) -> httpx.A
         limits=httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         ),
-        verify=config.ca_file or True,
+        verify=ssl.create_default_context(cafile=config.ca_file) if config.ca_file else True,
         follow_redirects=False,
     )
 
@@ -65,8 +66,9 @@ class FlexClient:
         *,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.time,
+        keys: PublicKeyStore | None = None,
     ) -> None:
-        """Use the shared http client; sleep and clock are injectable for tests."""
+        """Use the shared http client; sleep, clock and the key store are injectable for tests."""
         self._http = http
         self._config = config
         self._sleep = sleep
@@ -81,7 +83,7 @@ class FlexClient:
             if config.credentials
             else None
         )
-        self.keys = PublicKeyStore(self._fetch_public_key)
+        self.keys = keys or PublicKeyStore(self.fetch_public_key)
 
     async def create_session(self, fields: Sequence[FieldSpec] = DEFAULT_FIELDS) -> str:
         """Create a capture context for these fields; returns the raw, unverified JWT."""
@@ -150,7 +152,9 @@ class FlexClient:
             leeway=self._config.leeway,
         )
 
-    async def _fetch_public_key(self, kid: str) -> Mapping[str, str] | None:
+    async def fetch_public_key(self, kid: str) -> Mapping[str, str] | None:
+        """GET /public-keys/{kid} from the base URL: the JWK, or None if Flex does not know it."""
+
         async def attempt() -> Mapping[str, str] | None:
             response = await self._send(
                 "GET", PUBLIC_KEYS_PATH + kid, headers={"Accept": "application/json"}

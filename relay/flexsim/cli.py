@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ssl
 from pathlib import Path
 
 import structlog
@@ -44,6 +45,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.set_defaults(func=_serve)
 
 
+def _check_tls(cert: str, key: str) -> None:
+    """Load the pair once up front, so a bad file is a message before the port is bound."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError):
+        raise ConfigError(["--tls-cert/--tls-key cannot be loaded as a PEM pair"]) from None
+
+
 def _port(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         raise argparse.ArgumentTypeError("a port is a whole number from 0 to 65535")
@@ -68,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError(["--tls-cert and --tls-key go together"])
     tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
+    if tls is not None:
+        _check_tls(*tls)
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
@@ -96,7 +107,8 @@ def _secret(args: argparse.Namespace) -> Secret[bytes]:
     try:
         return decode_shared_secret(text)
     except ValueError:
-        raise ConfigError(["--shared-secret is not valid base64"]) from None
+        source = "--shared-secret-file" if args.shared_secret_file else "--shared-secret"
+        raise ConfigError([f"{source} is not valid base64"]) from None
 
 
 def _faults(args: argparse.Namespace) -> Faults:
@@ -105,6 +117,8 @@ def _faults(args: argparse.Namespace) -> Faults:
         for name in ("error", "throttle", "drop")
         if not 0.0 <= getattr(args, f"fault_{name}_rate") <= 1.0
     ]
+    if not 0.0 <= args.fault_latency_ms <= 600_000:
+        problems.append("--fault-latency-ms must be between 0 and 600000")
     paths = frozenset(p.strip() for p in args.fault_paths.split(",") if p.strip())
     if not paths <= {"sessions", "tokens", "public-keys"}:
         problems.append("--fault-paths takes sessions, tokens and public-keys")

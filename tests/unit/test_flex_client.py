@@ -17,6 +17,7 @@ from relay.errors import (
     FlexUnavailable,
 )
 from relay.flex.client import FlexClient
+from relay.flex.keys import PublicKeyStore
 from relay.flex.signing import body_digest, decode_shared_secret
 from tests import fakes
 
@@ -240,7 +241,7 @@ async def test_rotated_key_is_refetched_once(keys) -> None:
     config = FlexConfig(base_url="https://flex.test", allowed_origins=frozenset({fakes.ORIGIN}))
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     flex = FlexClient(http, config, clock=lambda: fakes.NOW + 1)
-    flex.keys._clock = lambda: now[0]
+    flex.keys = PublicKeyStore(flex.fetch_public_key, clock=lambda: now[0])
     async with http:
         await flex.verify_capture_context(fakes.sign_context(keys, fakes.context_claims(keys)))
         now[0] = 1000.0
