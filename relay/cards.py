@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hmac
-from typing import NoReturn
 
 from relay.errors import InvalidCardData
+from relay.secrets import Masked
 
 # Cybersource three-digit card type codes (wire notes, section 6).
 VISA = "001"
@@ -80,7 +80,7 @@ def detect_card_type(bin_digits: str) -> str | None:
     return None
 
 
-class Pan:
+class Pan(Masked):
     """A primary account number. Every rendering is masked; reveal() is the only way out."""
 
     __slots__ = ("_digits",)
@@ -129,20 +129,6 @@ class Pan:
         """Render the masked form."""
         return f"Pan({self.masked})"
 
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        """Render the masked form whatever the format spec."""
-        return repr(self)
-
-    def __structlog__(self) -> str:
-        """Render the masked form in structlog's JSONRenderer."""
-        return repr(self)
-
-    def __reduce__(self) -> NoReturn:
-        """Refuse pickling, and with it copy, deepcopy and dataclasses.asdict."""
-        raise TypeError("Pan is not serializable")
-
     def __eq__(self, other: object) -> bool:
         """Compare in constant time."""
         if not isinstance(other, Pan):
@@ -154,7 +140,7 @@ class Pan:
         return hash((self.bin, self.last4, len(self._digits)))
 
 
-class SecurityCode:
+class SecurityCode(Masked):
     """A card security code (CVV/CVC/CID). Masked in every rendering, like Pan."""
 
     __slots__ = ("_digits",)
@@ -177,20 +163,6 @@ class SecurityCode:
     def __repr__(self) -> str:
         """Render a fixed mask."""
         return "SecurityCode(***)"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        """Render the mask whatever the format spec."""
-        return repr(self)
-
-    def __structlog__(self) -> str:
-        """Render the mask in structlog's JSONRenderer."""
-        return repr(self)
-
-    def __reduce__(self) -> NoReturn:
-        """Refuse pickling."""
-        raise TypeError("SecurityCode is not serializable")
 
     def __eq__(self, other: object) -> bool:
         """Compare in constant time."""

@@ -14,7 +14,33 @@ T = TypeVar("T")
 MASK = "**********"
 
 
-class Secret(Generic[T]):
+class Masked:
+    """Base of values whose every rendering is their (masked) repr and that refuse pickling.
+
+    Subclasses define __repr__; str, format, structlog's JSONRenderer and pickle, copy and
+    dataclasses.asdict (which go through __reduce__) are all covered here, once.
+    """
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        """Render the masked repr."""
+        return repr(self)
+
+    def __format__(self, spec: str) -> str:
+        """Render the masked repr whatever the format spec."""
+        return repr(self)
+
+    def __structlog__(self) -> str:
+        """Render the masked repr in structlog's JSONRenderer."""
+        return repr(self)
+
+    def __reduce__(self) -> NoReturn:
+        """Refuse pickling, and with it copy, deepcopy and dataclasses.asdict."""
+        raise TypeError(f"{type(self).__name__} is not serializable")
+
+
+class Secret(Masked, Generic[T]):
     """Holds a secret value; only get_secret_value() returns it."""
 
     __slots__ = ("_value",)
@@ -30,20 +56,6 @@ class Secret(Generic[T]):
     def __repr__(self) -> str:
         """Render the mask."""
         return f"Secret({MASK})"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        """Render the mask whatever the format spec."""
-        return repr(self)
-
-    def __structlog__(self) -> str:
-        """Render the mask in structlog's JSONRenderer."""
-        return repr(self)
-
-    def __reduce__(self) -> NoReturn:
-        """Refuse pickling, and with it deepcopy and dataclasses.asdict."""
-        raise TypeError("Secret is not serializable")
 
     def __eq__(self, other: object) -> bool:
         """Compare in constant time where the values are bytes or str."""
