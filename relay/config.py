@@ -75,11 +75,170 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Read RELAY_* variables, collecting every problem into one ConfigError."""
         reader = EnvReader(env)
-        settings = cls(
-            flex=flex_config(reader), log_level=reader.choice("RELAY_LOG_LEVEL", LOG_LEVELS, "info")
-        )
+        settings = cls(flex=flex_config(reader), log_level=log_level(reader))
         reader.raise_problems()
         return settings
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VaultConfig:
+    """Where the PCI side's card vault lives and the keys that protect it."""
+
+    url: Secret[str]
+    """`sqlite:///path/to/vault.db` or a `postgresql://` DSN (which may carry a password)."""
+    kek_file: str
+    """The keyring of key-encryption keys: lines `VERSION:BASE64KEY`; the highest is current."""
+    fingerprint_key: Secret[bytes]
+    """The HMAC-SHA256 key of card fingerprints, separate from the KEKs (PCI DSS 3.5.1.1)."""
+    pool_size: int = 10
+    """Connections in the PostgreSQL pool."""
+
+    @property
+    def backend(self) -> str:
+        """`sqlite` or `postgresql`."""
+        return self.url.get_secret_value().split(":", 1)[0].split("+", 1)[0]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """A gRPC listener and its TLS material."""
+
+    host: str = "127.0.0.1"
+    """The address to bind."""
+    port: int = 50051
+    """The port to bind; 0 picks a free one (logged at start)."""
+    tls_cert_file: str | None = None
+    """The server certificate chain (PEM)."""
+    tls_key_file: str | None = None
+    """The server private key (PEM)."""
+    client_ca_file: str | None = None
+    """The CA that issues client certificates; set means mutual TLS is required."""
+    insecure_dev: bool = False
+    """Plaintext for local development only; must be asked for explicitly."""
+    drain_seconds: float = 10.0
+    """How long in-flight calls may run after SIGTERM."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PciConfig:
+    """The PciRelay worker."""
+
+    server: ServerConfig
+    flex: FlexConfig
+    vault: VaultConfig
+    rate_per_second: float = 50.0
+    """Sustained tokenizations per second allowed to one merchant."""
+    rate_burst: int = 100
+    """Tokenizations one merchant may make at once before the rate applies."""
+    stream_concurrency: int = 32
+    """Requests of one TokenizeStream worked on at once; the stream is not read further."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VaultSettings:
+    """What `relay cards ...` reads: the vault and logging."""
+
+    vault: VaultConfig
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> VaultSettings:
+        """Read RELAY_VAULT_* and RELAY_LOG_LEVEL."""
+        reader = EnvReader(env)
+        settings = cls(vault_config(reader), log_level(reader))
+        reader.raise_problems()
+        return settings
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PciSettings:
+    """What `relay pci serve` reads."""
+
+    pci: PciConfig
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PciSettings:
+        """Read RELAY_PCI_*, RELAY_VAULT_*, RELAY_FLEX_* and RELAY_LOG_LEVEL."""
+        reader = EnvReader(env)
+        pci = PciConfig(
+            server=server_config(reader, "RELAY_PCI", default_port=50051),
+            flex=flex_config(reader),
+            vault=vault_config(reader),
+            rate_per_second=reader.number("RELAY_PCI_RATE_PER_SECOND", 50.0),
+            rate_burst=reader.integer("RELAY_PCI_RATE_BURST", 100),
+            stream_concurrency=reader.integer("RELAY_PCI_STREAM_CONCURRENCY", 32),
+        )
+        settings = cls(pci, log_level(reader))
+        reader.raise_problems()
+        return settings
+
+
+def log_level(reader: EnvReader) -> str:
+    """RELAY_LOG_LEVEL."""
+    return reader.choice("RELAY_LOG_LEVEL", LOG_LEVELS, "info")
+
+
+def vault_config(reader: EnvReader) -> VaultConfig:
+    """Read RELAY_VAULT_URL (or _FILE), RELAY_VAULT_KEK_FILE, RELAY_VAULT_FINGERPRINT_KEY_FILE."""
+    url = reader.secret_text("RELAY_VAULT_URL") or reader.get("RELAY_VAULT_URL")
+    if url is None:
+        reader.problem("RELAY_VAULT_URL or RELAY_VAULT_URL_FILE is required")
+        url = "sqlite:///missing"
+    elif not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        reader.problem("RELAY_VAULT_URL must start with sqlite:/// or postgresql://")
+    elif reader.get("RELAY_VAULT_URL") and _has_password(url):
+        reader.problem("RELAY_VAULT_URL carries a password: use RELAY_VAULT_URL_FILE")
+    kek_file = reader.path("RELAY_VAULT_KEK_FILE")
+    if kek_file is None and reader.get("RELAY_VAULT_KEK_FILE") is None:
+        reader.problem("RELAY_VAULT_KEK_FILE is required")
+    fingerprint = reader.secret_text("RELAY_VAULT_FINGERPRINT_KEY")
+    key = b""
+    if fingerprint is None:
+        reader.problem("RELAY_VAULT_FINGERPRINT_KEY_FILE is required")
+    else:
+        try:
+            key = decode_shared_secret(fingerprint).get_secret_value()
+        except ValueError:
+            key = b""
+        if len(key) < 32:
+            reader.problem("RELAY_VAULT_FINGERPRINT_KEY_FILE must hold at least 32 base64 bytes")
+    return VaultConfig(
+        url=Secret(url),
+        kek_file=kek_file or "",
+        fingerprint_key=Secret(key),
+        pool_size=reader.integer("RELAY_VAULT_POOL_SIZE", 10),
+    )
+
+
+def server_config(reader: EnvReader, prefix: str, *, default_port: int) -> ServerConfig:
+    """Read PREFIX_HOST, _PORT, _TLS_CERT_FILE, _TLS_KEY_FILE, _CLIENT_CA_FILE, _INSECURE_DEV."""
+    insecure = reader.flag(f"{prefix}_INSECURE_DEV")
+    config = ServerConfig(
+        host=reader.get(f"{prefix}_HOST", "127.0.0.1") or "127.0.0.1",
+        port=reader.integer(f"{prefix}_PORT", default_port, minimum=0),
+        tls_cert_file=reader.path(f"{prefix}_TLS_CERT_FILE"),
+        tls_key_file=reader.path(f"{prefix}_TLS_KEY_FILE"),
+        client_ca_file=reader.path(f"{prefix}_CLIENT_CA_FILE"),
+        insecure_dev=insecure,
+        drain_seconds=reader.number(f"{prefix}_DRAIN_SECONDS", 10.0),
+    )
+    if config.port > 65535:
+        reader.problem(f"{prefix}_PORT must be at most 65535")
+    tls = (config.tls_cert_file, config.tls_key_file, config.client_ca_file)
+    if not insecure and None in tls and not reader.has_problems():
+        reader.problem(
+            f"{prefix}_TLS_CERT_FILE, {prefix}_TLS_KEY_FILE and {prefix}_CLIENT_CA_FILE are "
+            f"required (mutual TLS), unless {prefix}_INSECURE_DEV=true for local development"
+        )
+    return config
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return bool(urllib.parse.urlsplit(url).password)
+    except ValueError:
+        return True
 
 
 def origin_of(url: str) -> str:
@@ -158,6 +317,18 @@ class EnvReader:
         """Raise one ConfigError listing every problem, if there were any."""
         if self._problems:
             raise ConfigError(self._problems)
+
+    def has_problems(self) -> bool:
+        """Whether a problem was recorded so far."""
+        return bool(self._problems)
+
+    def flag(self, name: str) -> bool:
+        """A boolean: true/false, 1/0, yes/no."""
+        value = (self.get(name) or "false").lower()
+        if value not in {"true", "false", "1", "0", "yes", "no"}:
+            self.problem(f"{name} must be true or false")
+            return False
+        return value in {"true", "1", "yes"}
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """A stripped string, or the default when unset or empty."""
