@@ -158,11 +158,13 @@ class PciSettings:
     log_level: str = "info"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> PciSettings:
+    def from_env(cls, env: Mapping[str, str], *, insecure_dev: bool = False) -> PciSettings:
         """Read RELAY_PCI_*, RELAY_VAULT_*, RELAY_FLEX_* and RELAY_LOG_LEVEL."""
         reader = EnvReader(env)
         pci = PciConfig(
-            server=server_config(reader, "RELAY_PCI", default_port=50051),
+            server=server_config(
+                reader, "RELAY_PCI", default_port=50051, insecure_dev=insecure_dev
+            ),
             flex=flex_config(reader),
             vault=vault_config(reader),
             rate_per_second=reader.number("RELAY_PCI_RATE_PER_SECOND", 50.0),
@@ -211,9 +213,14 @@ def vault_config(reader: EnvReader) -> VaultConfig:
     )
 
 
-def server_config(reader: EnvReader, prefix: str, *, default_port: int) -> ServerConfig:
-    """Read PREFIX_HOST, _PORT, _TLS_CERT_FILE, _TLS_KEY_FILE, _CLIENT_CA_FILE, _INSECURE_DEV."""
-    insecure = reader.flag(f"{prefix}_INSECURE_DEV")
+def server_config(
+    reader: EnvReader, prefix: str, *, default_port: int, insecure_dev: bool = False
+) -> ServerConfig:
+    """Read PREFIX_HOST, _PORT, _TLS_CERT_FILE, _TLS_KEY_FILE, _CLIENT_CA_FILE, _DRAIN_SECONDS.
+
+    Plaintext is never a setting: only the explicit --insecure-dev flag passes insecure_dev.
+    """
+    insecure = insecure_dev
     config = ServerConfig(
         host=reader.get(f"{prefix}_HOST", "127.0.0.1") or "127.0.0.1",
         port=reader.integer(f"{prefix}_PORT", default_port, minimum=0),
@@ -229,7 +236,7 @@ def server_config(reader: EnvReader, prefix: str, *, default_port: int) -> Serve
     if not insecure and None in tls and not reader.has_problems():
         reader.problem(
             f"{prefix}_TLS_CERT_FILE, {prefix}_TLS_KEY_FILE and {prefix}_CLIENT_CA_FILE are "
-            f"required (mutual TLS), unless {prefix}_INSECURE_DEV=true for local development"
+            "required (mutual TLS), unless started with --insecure-dev for local development"
         )
     return config
 

@@ -11,6 +11,9 @@ RelayError                       INTERNAL             INTERNAL
  +- CardNotFound, NotGranted     NOT_FOUND            CARD_NOT_FOUND (one answer, no oracle)
  +- PermissionDenied             PERMISSION_DENIED    PERMISSION_DENIED
  +- RateLimited                  RESOURCE_EXHAUSTED   RATE_LIMITED
+ +- InvalidRequest               INVALID_ARGUMENT     INVALID_REQUEST (malformed ids or fields)
+ +- DeadlineExceeded             DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
+ +- Unavailable                  UNAVAILABLE          UNAVAILABLE (a peer relay service; retryable)
  +- FlexError                    INTERNAL             FLEX_ERROR
  |   +- FlexRejected             FAILED_PRECONDITION  FLEX_REJECTED (+ flex_reason, 4xx)
  |   +- FlexAuthFailed           FAILED_PRECONDITION  FLEX_AUTH_FAILED (401 from the gateway)
@@ -25,7 +28,7 @@ may end up in a log line or a gRPC status, so it must never carry card data.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 
@@ -48,6 +51,11 @@ class RelayError(Exception):
         super().__init__(message)
         self.message = message
         self.ids = dict(ids)
+
+    @classmethod
+    def from_wire(cls, message: str, ids: dict[str, str]) -> RelayError:
+        """Rebuild an error received from a peer (gRPC status or a pb Error)."""
+        return cls(message, **ids)
 
 
 RelayError.by_reason[RelayError.reason] = RelayError
@@ -128,10 +136,39 @@ class RateLimited(RelayError):
     retryable = True
 
 
+class InvalidRequest(RelayError):
+    """A request field (request_id, card_ref, capture context) is missing or malformed."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+
+class DeadlineExceeded(RelayError):
+    """The caller's deadline passed before the work finished."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+    retryable = True
+
+
+class Unavailable(RelayError):
+    """A peer relay service could not be reached or is draining; the call may be retried."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    reason = "UNAVAILABLE"
+    retryable = True
+
+
 class FlexError(RelayError):
     """Flex API answered something the relay cannot use."""
 
     reason = "FLEX_ERROR"
+
+    @classmethod
+    def from_wire(cls, message: str, ids: dict[str, str]) -> RelayError:
+        """Keep the Flex reason, which travels as the flex_reason id."""
+        rest: dict[str, Any] = {k: v for k, v in ids.items() if k != "flex_reason"}
+        return cls(message, flex_reason=ids.get("flex_reason", ""), **rest)
 
     def __init__(
         self, message: str, *, http_status: int = 0, flex_reason: str = "", **ids: str
@@ -140,6 +177,8 @@ class FlexError(RelayError):
         super().__init__(message, **ids)
         self.http_status = http_status
         self.flex_reason = flex_reason
+        if flex_reason:
+            self.ids["flex_reason"] = flex_reason
 
 
 class FlexRejected(FlexError):

@@ -8,8 +8,6 @@ project's ``relay flexsim serve`` over HTTPS with a throwaway CA made for this r
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import ipaddress
 import json
 import os
 import re
@@ -26,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from relay import tlsgen
 
 REPO = Path(__file__).resolve().parents[2]
 SDK_REQUIREMENTS = REPO / "scripts" / "sdk_requirements.txt"
@@ -121,75 +117,13 @@ def sdk_python() -> Path:
     return python
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
 def _write_tls_files(directory: Path) -> TlsFiles:
-    now = dt.datetime.now(dt.UTC)
-    lifetime = (now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("flexsim conformance test CA"))
-        .issuer_name(_name("flexsim conformance test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(lifetime[0])
-        .not_valid_after(lifetime[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(lifetime[0])
-        .not_valid_after(lifetime[1])
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca = tlsgen.new_ca("flexsim conformance test CA")
     files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_key.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    files.ca_cert.write_bytes(ca.cert_pem)
+    server = tlsgen.issue_server(ca, ("localhost", "127.0.0.1"))
+    files.server_cert.write_bytes(server.cert_pem)
+    files.server_key.write_bytes(server.key_pem)
     files.server_key.chmod(0o600)
     return files
 

@@ -1,0 +1,116 @@
+"""Running a grpc.aio server the same way on both sides: TLS, health, reflection, drain.
+
+On SIGTERM or SIGINT the health service turns NOT_SERVING first (so load balancers stop
+sending), then `server.stop(grace)` refuses new calls with UNAVAILABLE while in-flight calls
+finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from relay.config import ServerConfig
+from relay.errors import ConfigError
+
+# A gRPC message carries one capture context and ids; 1 MiB is ample and bounds memory.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def new_server() -> grpc.aio.Server:
+    """A grpc.aio server with bounded message sizes and keepalive for long streams."""
+    return grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """Mutual TLS credentials from the config's files, or None for --insecure-dev."""
+    if config.insecure_dev:
+        return None
+    files = (config.tls_cert_file, config.tls_key_file, config.client_ca_file)
+    if None in files:
+        raise ConfigError(["a TLS certificate, key and client CA are required (mutual TLS)"])
+    cert, key, ca = (_read(path) for path in files)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
+class Served:
+    """A started server: its port, its health servicer, and a way to wait for the signal."""
+
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health_servicer: health_aio.HealthServicer
+    ) -> None:
+        """Use start_server."""
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.stopping = asyncio.Event()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT start the drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+    async def drain(self, grace: float) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    server: grpc.aio.Server,
+    config: ServerConfig,
+    service_names: Sequence[str],
+    *,
+    register: Callable[[grpc.aio.Server], None],
+) -> Served:
+    """Register services, health and reflection, bind, start, and report SERVING."""
+    register(server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            *service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        raise ConfigError([f"cannot listen on {address}"]) from None
+    await server.start()
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Served(server, port, health_servicer)
+
+
+def _read(path: str | None) -> bytes:
+    assert path is not None
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        raise ConfigError([f"cannot read TLS file {Path(path).name}"]) from None
