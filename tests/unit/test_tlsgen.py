@@ -1,0 +1,30 @@
+"""Test PKI: what a client certificate says about its merchant."""
+
+from __future__ import annotations
+
+from cryptography import x509
+
+from relay import tlsgen
+
+
+def test_client_certificate_names_its_merchant() -> None:
+    """The SAN URI names the merchant, and the CA signed it."""
+    ca = tlsgen.new_ca()
+    client = tlsgen.issue_client(ca, "merchant-42")
+    cert = x509.load_pem_x509_certificate(client.cert_pem)
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
+    assert "merchant-42" == tlsgen.merchant_from_cert(client.cert_pem)
+
+
+def test_common_name_is_the_fallback() -> None:
+    """A certificate without the merchant URI is read by its CN."""
+    ca = tlsgen.new_ca()
+    server = tlsgen.issue_server(ca, ("localhost",))
+    assert "localhost" == tlsgen.merchant_from_cert(server.cert_pem)
+
+
+def test_issued_repr_hides_the_key() -> None:
+    """An Issued pair's repr does not show its private key."""
+    issued = tlsgen.issue_client(tlsgen.new_ca(), "m")
+    assert b"PRIVATE KEY" in issued.key_pem
+    assert "PRIVATE" not in repr(issued)
