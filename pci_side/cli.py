@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import csv
 import dataclasses
+import io
+import json
 import os
+from collections.abc import AsyncIterator
+from importlib import resources
 
 import structlog
 
 from pci_side.ratelimit import RateLimiter
 from pci_side.server import PciRelayService
 from pci_side.tokenize import Tokenizer
-from pci_side.vault import open_vault
-from relay.config import PciConfig, PciSettings
+from pci_side.vault import NewCard, open_vault
+from relay.cards import CardData, Pan, SecurityCode
+from relay.config import PciConfig, PciSettings, VaultSettings
 from relay.flex.client import FlexClient, new_http_client
 from relay.logging import configure_logging
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
-from relay.serving import new_server, start_server
+from relay.serving import Served, new_server, start_server
 
 SERVICE_NAME = pci_relay_pb2.DESCRIPTOR.services_by_name["PciRelay"].full_name
 
@@ -39,6 +46,43 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="plaintext gRPC, merchant id from x-relay-merchant-id metadata: local use only",
     )
     serve.set_defaults(func=_serve)
+    seed = actions.add_parser(
+        "seed-demo", help="load the standard public test cards into the vault (demo only)"
+    )
+    seed.add_argument("--merchant", required=True, help="the merchant id granted every card")
+    seed.set_defaults(func=_seed_demo)
+
+
+def _seed_demo(args: argparse.Namespace) -> int:
+    """Import the packaged demo cards; print one JSON line per card_ref (masked data only)."""
+    settings = VaultSettings.from_env(os.environ)
+    configure_logging(level=settings.log_level)
+    refs = asyncio.run(seed_demo_cards(settings, args.merchant))
+    for card_ref, masked, card_type in refs:
+        print(json.dumps({"card_ref": card_ref, "masked_pan": masked, "type": card_type}))  # noqa: T201
+    return 0
+
+
+async def seed_demo_cards(settings: VaultSettings, merchant: str) -> list[tuple[str, str, str]]:
+    """The public test cards of several networks, granted to one merchant; idempotent."""
+    source = resources.files("pci_side").joinpath("demo_cards.csv").read_text(encoding="utf-8")
+    cards = [
+        NewCard(
+            row["card_ref"],
+            CardData(
+                Pan(row["pan"]),
+                int(row["exp_month"]),
+                int(row["exp_year"]),
+                SecurityCode(row["cvv"]),
+                row["type"],
+            ),
+            (merchant,),
+        )
+        for row in csv.DictReader(io.StringIO(source))
+    ]
+    async with await open_vault(settings.vault) as vault:
+        await vault.import_cards(cards)
+    return [(c.card_ref, c.card.pan.masked, c.card.card_type or "") for c in cards]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,8 +99,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def run(config: PciConfig) -> None:
-    """Open the vault and the Flex client, serve until a signal, then drain and close."""
+    """Serve until SIGTERM or SIGINT, then drain and close."""
     log = structlog.get_logger("pci_side")
+    async with running(config) as served:
+        served.install_signal_handlers()
+        if config.server.insecure_dev:
+            log.warning("pci_insecure_dev", detail="plaintext gRPC; never outside loopback")
+        log.info("pci_listening", host=config.server.host, port=served.port)
+        await served.stopping.wait()
+        log.info("pci_draining", grace_seconds=config.server.drain_seconds)
+        await served.drain(config.server.drain_seconds)
+    log.info("pci_stopped")
+
+
+@contextlib.asynccontextmanager
+async def running(config: PciConfig) -> AsyncIterator[Served]:
+    """A started PciRelay server with its vault and Flex client; closed on exit."""
     async with await open_vault(config.vault) as vault, new_http_client(config.flex) as http:
         tokenizer = Tokenizer(
             vault,
@@ -72,13 +130,9 @@ async def run(config: PciConfig) -> None:
             new_server(),
             config.server,
             [SERVICE_NAME],
-            register=lambda s: pci_relay_pb2_grpc.add_PciRelayServicer_to_server(service, s),
+            register=lambda s: pci_relay_pb2_grpc.add_PciRelayServicer_to_server(service, s),  # type: ignore[no-untyped-call]
         )
-        served.install_signal_handlers()
-        if config.server.insecure_dev:
-            log.warning("pci_insecure_dev", detail="plaintext gRPC; never outside loopback")
-        log.info("pci_listening", host=config.server.host, port=served.port)
-        await served.stopping.wait()
-        log.info("pci_draining", grace_seconds=config.server.drain_seconds)
-        await served.drain(config.server.drain_seconds)
-    log.info("pci_stopped")
+        try:
+            yield served
+        finally:
+            await served.server.stop(None)

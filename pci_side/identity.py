@@ -28,8 +28,8 @@ def merchant_from_context(
         metadata = dict(context.invocation_metadata() or ())
         candidate = metadata.get(MERCHANT_METADATA_KEY)
     else:
-        pems = context.auth_context().get("x509_pem_cert") or []
+        pems = list(context.auth_context().get("x509_pem_cert") or [])
         candidate = merchant_from_cert(pems[0]) if pems else None
-    if not isinstance(candidate, str) or not _MERCHANT_ID.match(candidate):
+    if not isinstance(candidate, str) or not _MERCHANT_ID.fullmatch(candidate):
         raise PermissionDenied("the caller does not identify a merchant")
     return candidate

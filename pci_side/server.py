@@ -1,15 +1,13 @@
 """The PciRelay gRPC servicer: pb in, one call to the Tokenizer, pb out.
 
-TokenizeStream works on at most `concurrency` requests of a stream at once and stops reading
-the stream while all slots are taken, so gRPC flow control pushes back on the merchant side.
-A slot is freed only when its result has been handed to gRPC, so finished-but-unsent results
-are bounded too. Results go out as they finish, correlated by request_id.
+TokenizeStream works on at most `concurrency` requests of a stream at once (relay.streams), so
+gRPC flow control pushes back on the merchant side. Results go out as they finish, correlated
+by request_id; a failed item is a result with an Error, and the stream goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,10 +20,10 @@ from pci_side.tokenize import IssuedToken, Tokenizer, TokenizeRequest
 from relay import rpc
 from relay.errors import DeadlineExceeded, RelayError
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
+from relay.streams import bounded_map
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger("pci_side.server")
-_END = object()
 
 
 class PciRelayService(pci_relay_pb2_grpc.PciRelayServicer):
@@ -54,53 +52,25 @@ class PciRelayService(pci_relay_pb2_grpc.PciRelayServicer):
     ) -> AsyncIterator[pci_relay_pb2.PciTokenizeResult]:
         """Many requests; each result (token or per-item error) streams back as it finishes."""
         merchant = merchant_from_context(context, insecure_dev=self._insecure_dev)
-        slots = asyncio.Semaphore(self._concurrency)
-        results: asyncio.Queue[object] = asyncio.Queue()
-        feeder = asyncio.create_task(self._feed(merchant, requests, slots, results))
-        try:
-            while (item := await results.get()) is not _END:
-                assert isinstance(item, pci_relay_pb2.PciTokenizeResult)
-                yield item
-                slots.release()
-        finally:
-            feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feeder
 
-    async def _feed(
-        self,
-        merchant: str,
-        requests: AsyncIterator[pci_relay_pb2.PciTokenizeRequest],
-        slots: asyncio.Semaphore,
-        results: asyncio.Queue[object],
-    ) -> None:
-        workers: set[asyncio.Task[None]] = set()
-        try:
-            async for request in requests:
-                await slots.acquire()
-                worker = asyncio.create_task(self._work(merchant, request, results))
-                workers.add(worker)
-                worker.add_done_callback(workers.discard)
-            await asyncio.gather(*workers)
-        finally:
-            for worker in workers:
-                worker.cancel()
-            results.put_nowait(_END)
+        async def work(
+            request: pci_relay_pb2.PciTokenizeRequest,
+        ) -> pci_relay_pb2.PciTokenizeResult:
+            return await self._result_or_error(merchant, request)
 
-    async def _work(
-        self,
-        merchant: str,
-        request: pci_relay_pb2.PciTokenizeRequest,
-        results: asyncio.Queue[object],
-    ) -> None:
+        async for result in bounded_map(requests, work, concurrency=self._concurrency):
+            yield result
+
+    async def _result_or_error(
+        self, merchant: str, request: pci_relay_pb2.PciTokenizeRequest
+    ) -> pci_relay_pb2.PciTokenizeResult:
         try:
-            result = _result(await self._tokenizer.tokenize(merchant, _domain(request)))
+            return _result(await self._tokenizer.tokenize(merchant, _domain(request)))
         except RelayError as exc:
-            result = _error(request.request_id, exc)
+            return _error(request.request_id, exc)
         except Exception:  # noqa: BLE001  one bad item must not end the stream
             _log.exception("tokenize_crashed", request_id=request.request_id)
-            result = _error(request.request_id, rpc.internal_error())
-        results.put_nowait(result)
+            return _error(request.request_id, rpc.internal_error())
 
 
 async def _within_deadline(call: Any, remaining: float | None) -> IssuedToken:  # noqa: ANN401

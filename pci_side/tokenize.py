@@ -88,9 +88,9 @@ class Tokenizer:
 
 
 def _validate(request: TokenizeRequest) -> None:
-    if not _REQUEST_ID.match(request.request_id):
+    if not _REQUEST_ID.fullmatch(request.request_id):
         raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
-    if not _ID.match(request.card_ref):
+    if not _ID.fullmatch(request.card_ref):
         raise InvalidRequest("card_ref is missing or malformed", request_id=request.request_id)
     if not request.capture_context:
         raise InvalidRequest("capture_context is missing", request_id=request.request_id)

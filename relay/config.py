@@ -135,6 +135,106 @@ class PciConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PciClientConfig:
+    """How the merchant side reaches PciRelay: mutual TLS with a certificate naming the merchant."""
+
+    target: str
+    """host:port of PciRelay."""
+    tls_cert_file: str | None = None
+    """The merchant's client certificate (PEM); its SAN URI or CN is the merchant id."""
+    tls_key_file: str | None = None
+    """The client certificate's private key (PEM)."""
+    ca_file: str | None = None
+    """The CA that issued PciRelay's server certificate."""
+    server_name: str | None = None
+    """The name to expect in PciRelay's certificate, when it differs from the target host."""
+    insecure_dev: bool = False
+    """Plaintext, merchant id sent as metadata: local development only."""
+    merchant_id: str = ""
+    """Sent as metadata under --insecure-dev only; with TLS the certificate says who we are."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MerchantConfig:
+    """The MerchantGateway service."""
+
+    server: ServerConfig
+    flex: FlexConfig
+    pci: PciClientConfig
+    ledger_url: Secret[str]
+    """`memory` (one replica) or a `postgresql://` DSN (replicas share idempotency)."""
+    bulk_concurrency: int = 32
+    """Requests of one RequestTokens stream worked on at once."""
+    default_deadline: float = 30.0
+    """Seconds a request may take when the caller set no deadline."""
+    max_attempts: int = 3
+    """Fresh sessions tried per request when a context expires or PciRelay is unavailable."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MerchantSettings:
+    """What `relay merchant serve` reads."""
+
+    merchant: MerchantConfig
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, insecure_dev: bool = False) -> MerchantSettings:
+        """Read RELAY_MERCHANT_*, RELAY_FLEX_* and RELAY_LOG_LEVEL."""
+        reader = EnvReader(env)
+        flex = flex_config(reader)
+        if flex.credentials is None:
+            reader.problem(
+                "RELAY_FLEX_MERCHANT_ID, RELAY_FLEX_KEY_ID and RELAY_FLEX_SHARED_SECRET_FILE "
+                "are required: the merchant side creates Flex sessions"
+            )
+        merchant = MerchantConfig(
+            server=server_config(
+                reader, "RELAY_MERCHANT", default_port=50052, insecure_dev=insecure_dev
+            ),
+            flex=flex,
+            pci=pci_client_config(reader, insecure_dev=insecure_dev),
+            ledger_url=Secret(
+                reader.secret_text("RELAY_MERCHANT_LEDGER_URL")
+                or reader.get("RELAY_MERCHANT_LEDGER_URL", "memory")
+                or "memory"
+            ),
+            bulk_concurrency=reader.integer("RELAY_MERCHANT_BULK_CONCURRENCY", 32),
+            default_deadline=reader.number("RELAY_MERCHANT_DEFAULT_DEADLINE_SECONDS", 30.0),
+            max_attempts=reader.integer("RELAY_MERCHANT_MAX_ATTEMPTS", 3),
+        )
+        url = merchant.ledger_url.get_secret_value()
+        if url != "memory" and not url.startswith(("postgresql://", "postgres://")):
+            reader.problem("RELAY_MERCHANT_LEDGER_URL must be memory or a postgresql:// DSN")
+        elif reader.get("RELAY_MERCHANT_LEDGER_URL") and _has_password(url):
+            reader.problem("RELAY_MERCHANT_LEDGER_URL carries a password: use its _FILE form")
+        settings = cls(merchant, log_level(reader))
+        reader.raise_problems()
+        return settings
+
+
+def pci_client_config(reader: EnvReader, *, insecure_dev: bool) -> PciClientConfig:
+    """Read RELAY_MERCHANT_PCI_*."""
+    config = PciClientConfig(
+        target=reader.get("RELAY_MERCHANT_PCI_TARGET", "127.0.0.1:50051") or "",
+        tls_cert_file=reader.path("RELAY_MERCHANT_PCI_TLS_CERT_FILE"),
+        tls_key_file=reader.path("RELAY_MERCHANT_PCI_TLS_KEY_FILE"),
+        ca_file=reader.path("RELAY_MERCHANT_PCI_CA_FILE"),
+        server_name=reader.get("RELAY_MERCHANT_PCI_SERVER_NAME"),
+        insecure_dev=insecure_dev,
+        merchant_id=reader.get("RELAY_FLEX_MERCHANT_ID", "") or "",
+    )
+    files = (config.tls_cert_file, config.tls_key_file, config.ca_file)
+    if not insecure_dev and None in files and not reader.has_problems():
+        reader.problem(
+            "RELAY_MERCHANT_PCI_TLS_CERT_FILE, RELAY_MERCHANT_PCI_TLS_KEY_FILE and "
+            "RELAY_MERCHANT_PCI_CA_FILE are required (mutual TLS to PciRelay), unless started "
+            "with --insecure-dev for local development"
+        )
+    return config
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class VaultSettings:
     """What `relay cards ...` reads: the vault and logging."""
 

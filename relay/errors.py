@@ -9,6 +9,7 @@ RelayError                       INTERNAL             INTERNAL
  +- InvalidFieldSpec             INVALID_ARGUMENT     INVALID_FIELD_SPEC
  +- MissingRequiredField         FAILED_PRECONDITION  MISSING_REQUIRED_FIELD
  +- CardNotFound, NotGranted     NOT_FOUND            CARD_NOT_FOUND (one answer, no oracle)
+ +- TokenNotFound                NOT_FOUND            TOKEN_NOT_FOUND (none live for request_id)
  +- PermissionDenied             PERMISSION_DENIED    PERMISSION_DENIED
  +- RateLimited                  RESOURCE_EXHAUSTED   RATE_LIMITED
  +- InvalidRequest               INVALID_ARGUMENT     INVALID_REQUEST (malformed ids or fields)
@@ -119,6 +120,13 @@ class CardNotFound(RelayError):
 
 class NotGranted(CardNotFound):
     """The card exists but is not granted to the caller. Answers exactly as CardNotFound."""
+
+
+class TokenNotFound(RelayError):
+    """No live transient token is recorded under this request_id."""
+
+    status = grpc.StatusCode.NOT_FOUND
+    reason = "TOKEN_NOT_FOUND"
 
 
 class PermissionDenied(RelayError):

@@ -25,6 +25,7 @@ EXPECTED: dict[str, tuple[grpc.StatusCode, str, bool, bool]] = {
     "MissingRequiredField": (S.FAILED_PRECONDITION, "MISSING_REQUIRED_FIELD", True, False),
     "CardNotFound": (S.NOT_FOUND, "CARD_NOT_FOUND", True, False),
     "NotGranted": (S.NOT_FOUND, "CARD_NOT_FOUND", False, False),
+    "TokenNotFound": (S.NOT_FOUND, "TOKEN_NOT_FOUND", True, False),
     "PermissionDenied": (S.PERMISSION_DENIED, "PERMISSION_DENIED", True, False),
     "RateLimited": (S.RESOURCE_EXHAUSTED, "RATE_LIMITED", True, True),
     "InvalidRequest": (S.INVALID_ARGUMENT, "INVALID_REQUEST", True, False),

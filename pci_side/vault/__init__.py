@@ -1,0 +1,68 @@
+"""The card vault: cards encrypted at rest, grants, and the hash-chained audit log.
+
+Layout (STYLE section 1): `vault.py` the facade (`open_vault`, `CardVault`), `store.py` the
+storage interface and row types with `sqlite.py` and `postgres.py` implementing it and
+`migrations.py` their schemas, `envelope.py` the envelope encryption (the only module that
+reveals card data), `kek.py` the KEK keyring, `audit.py` the hash chain, `ids.py` the id rules,
+`errors.py` the vault's errors.
+"""
+
+from __future__ import annotations
+
+from pci_side.vault.audit import AuditEntry, AuditVerdict, StoredAuditEntry
+from pci_side.vault.errors import (
+    VaultIntegrityError,
+    VaultKeyMissing,
+    VaultStorageError,
+    VaultUnavailable,
+)
+from pci_side.vault.ids import check_card_ref, check_merchant_id, is_valid_id
+from pci_side.vault.kek import (
+    FileKeyProvider,
+    KeyProvider,
+    Keyring,
+    append_version,
+    create_keyring,
+)
+from pci_side.vault.store import (
+    CARD_REF_CONFLICT,
+    CREATED,
+    DUPLICATE_CARD,
+    UNCHANGED,
+    CardSummary,
+)
+from pci_side.vault.vault import (
+    CardVault,
+    ImportOutcome,
+    NewCard,
+    RotationReport,
+    open_vault,
+)
+
+__all__ = [
+    "CARD_REF_CONFLICT",
+    "CREATED",
+    "DUPLICATE_CARD",
+    "UNCHANGED",
+    "AuditEntry",
+    "AuditVerdict",
+    "CardSummary",
+    "CardVault",
+    "FileKeyProvider",
+    "ImportOutcome",
+    "KeyProvider",
+    "Keyring",
+    "NewCard",
+    "RotationReport",
+    "StoredAuditEntry",
+    "VaultIntegrityError",
+    "VaultKeyMissing",
+    "VaultStorageError",
+    "VaultUnavailable",
+    "append_version",
+    "check_card_ref",
+    "check_merchant_id",
+    "create_keyring",
+    "is_valid_id",
+    "open_vault",
+]

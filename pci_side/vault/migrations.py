@@ -1,0 +1,148 @@
+"""Schema migrations of both backends, applied in order when a vault opens.
+
+Each migration is a version number and its statements. A backend applies the missing ones in
+one transaction that first takes its migration lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: a
+transaction-level advisory lock), records each version in `schema_version`, and commits: so
+opening is idempotent and two processes opening one vault at once apply each migration once.
+
+The audit log is append-only twice over: triggers refuse UPDATE and DELETE (and TRUNCATE on
+PostgreSQL) of its rows, and the hash chain detects what gets past them (someone who drops the
+triggers). In production the vault's database role should also have only SELECT and INSERT on
+audit_log. The head row (audit_head) is updated in the same transaction as each append and may
+only move forward. PostgreSQL text keys use the "C" collation, so card_ref order (and keyset
+pagination) is byte order on both backends, whatever the database's locale.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["POSTGRES_MIGRATIONS", "SQLITE_MIGRATIONS", "Migration"]
+
+Migration = tuple[int, tuple[str, ...]]
+
+_GENESIS: Final = "'" + "0" * 64 + "'"
+
+SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    (
+        1,
+        (
+            """CREATE TABLE cards (
+                card_ref TEXT PRIMARY KEY,
+                first6 TEXT NOT NULL,
+                last4 TEXT NOT NULL,
+                exp_month INTEGER NOT NULL CHECK (exp_month BETWEEN 1 AND 12),
+                exp_year INTEGER NOT NULL,
+                card_type TEXT,
+                has_security_code INTEGER NOT NULL CHECK (has_security_code IN (0, 1)),
+                fingerprint TEXT NOT NULL UNIQUE,
+                key_version INTEGER NOT NULL,
+                wrapped_dek BLOB NOT NULL,
+                ciphertext BLOB NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            ) STRICT""",
+            "CREATE INDEX cards_key_version ON cards (key_version)",
+            """CREATE TABLE grants (
+                card_ref TEXT NOT NULL REFERENCES cards (card_ref) ON DELETE CASCADE,
+                merchant_id TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                PRIMARY KEY (card_ref, merchant_id)
+            ) STRICT, WITHOUT ROWID""",
+            "CREATE INDEX grants_merchant ON grants (merchant_id)",
+            """CREATE TABLE audit_log (
+                seq INTEGER PRIMARY KEY,
+                at TEXT NOT NULL,
+                merchant_id TEXT NOT NULL,
+                card_ref TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                cc_jti TEXT NOT NULL,
+                tt_jti TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                prev_hash TEXT NOT NULL,
+                hash TEXT NOT NULL
+            ) STRICT""",
+            """CREATE TABLE audit_head (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                seq INTEGER NOT NULL,
+                hash TEXT NOT NULL
+            ) STRICT""",
+            f"INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, {_GENESIS})",  # noqa: S608 - constant
+            """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+               BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+            """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+               BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+            """CREATE TRIGGER audit_head_forward BEFORE UPDATE ON audit_head
+               WHEN NEW.seq <= OLD.seq
+               BEGIN SELECT RAISE(ABORT, 'audit_head only moves forward'); END""",
+            """CREATE TRIGGER audit_head_no_delete BEFORE DELETE ON audit_head
+               BEGIN SELECT RAISE(ABORT, 'audit_head is permanent'); END""",
+        ),
+    ),
+)
+
+POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    (
+        1,
+        (
+            """CREATE TABLE cards (
+                card_ref TEXT COLLATE "C" PRIMARY KEY,
+                first6 TEXT NOT NULL,
+                last4 TEXT NOT NULL,
+                exp_month INTEGER NOT NULL CHECK (exp_month BETWEEN 1 AND 12),
+                exp_year INTEGER NOT NULL,
+                card_type TEXT,
+                has_security_code BOOLEAN NOT NULL,
+                fingerprint TEXT NOT NULL UNIQUE,
+                key_version INTEGER NOT NULL,
+                wrapped_dek BYTEA NOT NULL,
+                ciphertext BYTEA NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL
+            )""",
+            "CREATE INDEX cards_key_version ON cards (key_version)",
+            """CREATE TABLE grants (
+                card_ref TEXT COLLATE "C" NOT NULL REFERENCES cards (card_ref) ON DELETE CASCADE,
+                merchant_id TEXT COLLATE "C" NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (card_ref, merchant_id)
+            )""",
+            "CREATE INDEX grants_merchant ON grants (merchant_id)",
+            """CREATE TABLE audit_log (
+                seq BIGINT PRIMARY KEY,
+                at TIMESTAMPTZ NOT NULL,
+                merchant_id TEXT NOT NULL,
+                card_ref TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                cc_jti TEXT NOT NULL,
+                tt_jti TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                prev_hash TEXT NOT NULL,
+                hash TEXT NOT NULL
+            )""",
+            """CREATE TABLE audit_head (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                seq BIGINT NOT NULL,
+                hash TEXT NOT NULL
+            )""",
+            f"INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, {_GENESIS})",  # noqa: S608 - constant
+            """CREATE FUNCTION relay_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'audit_log is append-only'; END $$""",
+            """CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+               FOR EACH ROW EXECUTE FUNCTION relay_audit_append_only()""",
+            """CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+               FOR EACH STATEMENT EXECUTE FUNCTION relay_audit_append_only()""",
+            """CREATE FUNCTION relay_audit_head_forward() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 IF TG_OP <> 'UPDATE' OR NEW.seq <= OLD.seq THEN
+                   RAISE EXCEPTION 'audit_head only moves forward';
+                 END IF;
+                 RETURN NEW;
+               END $$""",
+            """CREATE TRIGGER audit_head_forward BEFORE UPDATE OR DELETE ON audit_head
+               FOR EACH ROW EXECUTE FUNCTION relay_audit_head_forward()""",
+        ),
+    ),
+)

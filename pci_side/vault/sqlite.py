@@ -1,0 +1,419 @@
+"""The SQLite backend: the embedded default, one file, driven from one dedicated thread.
+
+The stdlib sqlite3 module blocks, so every call runs on a single-thread executor that owns the
+connection: the event loop never waits on the disk, and because that thread runs one function
+at a time, each function is a whole transaction that nothing else on this connection can
+interleave with. Writes use BEGIN IMMEDIATE, which takes the database's write lock up front, so
+the audit chain's read-head-then-append cannot fork even with several processes on one file
+(the CLI beside a worker). WAL lets readers in other processes go on during a write;
+busy_timeout makes a writer wait for the lock instead of failing; synchronous=FULL makes every
+commit durable; foreign keys are on so a grant never outlives its card.
+
+Lists of keys are passed as one JSON parameter (`json_each`), so no statement is built from
+strings and no batch can exceed SQLite's parameter limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+
+from pci_side.vault.audit import AuditEntry, StoredAuditEntry, chain, format_at
+from pci_side.vault.errors import VaultStorageError, VaultUnavailable
+from pci_side.vault.migrations import SQLITE_MIGRATIONS
+from pci_side.vault.store import (
+    CardRow,
+    CardSummary,
+    FoundCard,
+    ImportItem,
+    Rewrap,
+    WrappedDek,
+    plan_import,
+)
+from relay.errors import ConfigError
+
+__all__ = ["SQLiteStore", "sqlite_path"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+URL_PREFIX: Final = "sqlite:///"
+BUSY_TIMEOUT_MS: Final = 10_000
+
+_CARD_COLUMNS: Final = (
+    "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, fingerprint, "
+    "key_version, wrapped_dek, ciphertext"
+)
+_AUDIT_COLUMNS: Final = (
+    "seq, at, merchant_id, card_ref, request_id, cc_jti, tt_jti, outcome, reason, prev_hash, hash"
+)
+_INSERT_CARD: Final = (
+    f"INSERT INTO cards ({_CARD_COLUMNS}, created_at, updated_at) "  # noqa: S608 - constants
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_GRANT: Final = (
+    "INSERT INTO grants (card_ref, merchant_id, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_INSERT_AUDIT: Final = (
+    f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+)
+_SUMMARY_COLUMNS: Final = (
+    "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, key_version, "
+    "created_at, updated_at"
+)
+
+
+def sqlite_path(url: str) -> str:
+    """`sqlite:///relative.db` -> `relative.db`; `sqlite:////abs/vault.db` -> `/abs/vault.db`."""
+    if not url.startswith(URL_PREFIX) or len(url) == len(URL_PREFIX):
+        raise ConfigError(["RELAY_VAULT_URL must be sqlite:///PATH for the SQLite backend"])
+    return url[len(URL_PREFIX) :]
+
+
+class SQLiteStore:
+    """A Store on one SQLite file."""
+
+    def __init__(self, executor: ThreadPoolExecutor, connection: sqlite3.Connection) -> None:
+        """Take over an executor and the connection its only thread opened; see `open`."""
+        self._executor = executor
+        self._connection = connection
+
+    @classmethod
+    async def open(cls, url: str) -> SQLiteStore:
+        """Open (creating if needed) the file and apply migrations."""
+        path = sqlite_path(url)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            connection = await loop.run_in_executor(executor, _connect, path)
+        except (sqlite3.Error, OSError):
+            executor.shutdown(wait=False)
+            raise ConfigError(
+                ["RELAY_VAULT_URL names a SQLite file that cannot be opened"]
+            ) from None
+        store = cls(executor, connection)
+        try:
+            await store._run(_migrate, dt.datetime.now(dt.UTC))
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close the connection on its thread, then let the thread end."""
+        with contextlib.suppress(sqlite3.Error):
+            await self._run(sqlite3.Connection.close)
+        self._executor.shutdown(wait=False)
+
+    async def _run(
+        self,
+        function: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(function, self._connection, *args, **kwargs)
+        try:
+            return await loop.run_in_executor(self._executor, call)
+        except sqlite3.OperationalError as exc:
+            raise VaultUnavailable("vault database is busy or unavailable") from exc
+        except sqlite3.Error as exc:
+            raise VaultStorageError("vault database refused a statement") from exc
+
+    async def import_cards(self, items: Sequence[ImportItem], now: dt.datetime) -> list[str]:
+        """Plan and write a batch of cards and grants in one transaction."""
+        return await self._run(_import_cards, items, format_at(now))
+
+    async def find_card(self, card_ref: str, merchant_id: str) -> FoundCard | None:
+        """The row and its grant to merchant_id, in one statement."""
+        return await self._run(_find_card, card_ref, merchant_id)
+
+    async def add_grant(self, card_ref: str, merchant_id: str, now: dt.datetime) -> bool | None:
+        """Grant a card to a merchant."""
+        return await self._run(_add_grant, card_ref, merchant_id, format_at(now))
+
+    async def remove_grant(self, card_ref: str, merchant_id: str) -> bool:
+        """Remove a grant."""
+        return await self._run(_remove_grant, card_ref, merchant_id)
+
+    async def list_cards(self, limit: int, after: str | None) -> list[CardSummary]:
+        """A page of card summaries with their merchants, from one read transaction."""
+        return await self._run(_list_cards, limit, after or "")
+
+    async def count_cards(self) -> int:
+        """The number of cards."""
+        return await self._run(_scalar, "SELECT count(*) FROM cards")
+
+    async def deks_to_rewrap(
+        self, current_version: int, after: str | None, limit: int
+    ) -> list[WrappedDek]:
+        """The next rows not on current_version, by card_ref."""
+        return await self._run(_deks_to_rewrap, current_version, after or "", limit)
+
+    async def rewrap(self, changes: Sequence[Rewrap], now: dt.datetime) -> int:
+        """Compare-and-set each row's wrapped DEK and key version."""
+        return await self._run(_rewrap, changes, format_at(now))
+
+    async def append_audit(
+        self, entries: Sequence[tuple[dt.datetime, AuditEntry]]
+    ) -> list[StoredAuditEntry]:
+        """Chain entries onto the head under the write lock."""
+        return await self._run(_append_audit, entries)
+
+    async def audit_after(self, seq: int, limit: int) -> list[StoredAuditEntry]:
+        """Entries after seq, ascending."""
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
+        return await self._run(_audit_rows, sql, (seq, limit))
+
+    async def audit_newest(self, limit: int) -> list[StoredAuditEntry]:
+        """The newest entries, newest first."""
+        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        return await self._run(_audit_rows, sql, (limit,))
+
+    async def audit_head(self) -> tuple[int, str]:
+        """The head row."""
+        return await self._run(_audit_head)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        # Created owner-only before SQLite opens it (its -wal and -shm files copy the mode):
+        # the file holds ciphertext, wrapped keys and fingerprints.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
+    connection = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    return connection
+
+
+@contextlib.contextmanager
+def _transaction(connection: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
+    connection.execute(f"BEGIN {mode}")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _migrate(connection: sqlite3.Connection, now: dt.datetime) -> None:
+    with _transaction(connection):
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT"
+        )
+        applied = {row[0] for row in connection.execute("SELECT version FROM schema_version")}
+        known = {version for version, _ in SQLITE_MIGRATIONS}
+        if applied - known:
+            raise ConfigError(["the vault's schema is newer than this relay: upgrade the relay"])
+        for version, statements in SQLITE_MIGRATIONS:
+            if version not in applied:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                    (version, format_at(now)),
+                )
+
+
+def _import_cards(
+    connection: sqlite3.Connection, items: Sequence[ImportItem], stamp: str
+) -> list[str]:
+    with _transaction(connection):
+        refs = json.dumps([item.row.card_ref for item in items])
+        fingerprints = json.dumps([item.row.fingerprint for item in items])
+        found = connection.execute(
+            "SELECT card_ref, fingerprint FROM cards "
+            "WHERE card_ref IN (SELECT value FROM json_each(?)) "
+            "OR fingerprint IN (SELECT value FROM json_each(?))",
+            (refs, fingerprints),
+        ).fetchall()
+        plan = plan_import(items, dict(found), {fp: ref for ref, fp in found})
+        connection.executemany(_INSERT_CARD, [_card_values(row, stamp) for row in plan.cards])
+        connection.executemany(_INSERT_GRANT, [(*grant, stamp) for grant in plan.grants])
+    return plan.statuses
+
+
+def _card_values(row: CardRow, stamp: str) -> tuple[Any, ...]:
+    return (
+        row.card_ref,
+        row.first6,
+        row.last4,
+        row.exp_month,
+        row.exp_year,
+        row.card_type,
+        int(row.has_security_code),
+        row.fingerprint,
+        row.key_version,
+        row.wrapped_dek,
+        row.ciphertext,
+        stamp,
+        stamp,
+    )
+
+
+def _find_card(connection: sqlite3.Connection, card_ref: str, merchant_id: str) -> FoundCard | None:
+    found = connection.execute(
+        f"SELECT {_CARD_COLUMNS}, EXISTS (SELECT 1 FROM grants "  # noqa: S608 - constants
+        "WHERE grants.card_ref = cards.card_ref AND grants.merchant_id = ?) "
+        "FROM cards WHERE card_ref = ?",
+        (merchant_id, card_ref),
+    ).fetchone()
+    if found is None:
+        return None
+    *columns, granted = found
+    columns[6] = bool(columns[6])
+    return FoundCard(CardRow(*columns), bool(granted))
+
+
+def _add_grant(
+    connection: sqlite3.Connection, card_ref: str, merchant_id: str, stamp: str
+) -> bool | None:
+    # The WHERE makes the insert a no-op for an unknown card (and lets SQLite parse the upsert).
+    cursor = connection.execute(
+        "INSERT INTO grants (card_ref, merchant_id, created_at) "
+        "SELECT card_ref, ?, ? FROM cards WHERE card_ref = ? ON CONFLICT DO NOTHING",
+        (merchant_id, stamp, card_ref),
+    )
+    if cursor.rowcount:
+        return True
+    exists = connection.execute("SELECT 1 FROM cards WHERE card_ref = ?", (card_ref,)).fetchone()
+    return False if exists else None
+
+
+def _remove_grant(connection: sqlite3.Connection, card_ref: str, merchant_id: str) -> bool:
+    cursor = connection.execute(
+        "DELETE FROM grants WHERE card_ref = ? AND merchant_id = ?", (card_ref, merchant_id)
+    )
+    return cursor.rowcount > 0
+
+
+def _list_cards(connection: sqlite3.Connection, limit: int, after: str) -> list[CardSummary]:
+    with _transaction(connection, "DEFERRED"):
+        rows = connection.execute(
+            f"SELECT {_SUMMARY_COLUMNS} FROM cards WHERE card_ref > ? "  # noqa: S608 - constants
+            "ORDER BY card_ref LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        refs = json.dumps([row[0] for row in rows])
+        grants = connection.execute(
+            "SELECT card_ref, merchant_id FROM grants "
+            "WHERE card_ref IN (SELECT value FROM json_each(?)) ORDER BY card_ref, merchant_id",
+            (refs,),
+        ).fetchall()
+    merchants: dict[str, list[str]] = {}
+    for card_ref, merchant_id in grants:
+        merchants.setdefault(card_ref, []).append(merchant_id)
+    return [_summary(row, tuple(merchants.get(row[0], ()))) for row in rows]
+
+
+def _summary(row: tuple[Any, ...], merchants: tuple[str, ...]) -> CardSummary:
+    ref, first6, last4, month, year, card_type, has_code, version, created, updated = row
+    return CardSummary(
+        ref,
+        first6,
+        last4,
+        month,
+        year,
+        card_type,
+        bool(has_code),
+        version,
+        merchants,
+        dt.datetime.fromisoformat(created),
+        dt.datetime.fromisoformat(updated),
+    )
+
+
+def _scalar(connection: sqlite3.Connection, sql: str) -> int:
+    value = connection.execute(sql).fetchone()[0]
+    assert isinstance(value, int)
+    return value
+
+
+def _deks_to_rewrap(
+    connection: sqlite3.Connection, current_version: int, after: str, limit: int
+) -> list[WrappedDek]:
+    rows = connection.execute(
+        "SELECT card_ref, key_version, wrapped_dek FROM cards "
+        "WHERE key_version <> ? AND card_ref > ? ORDER BY card_ref LIMIT ?",
+        (current_version, after, limit),
+    ).fetchall()
+    return [WrappedDek(*row) for row in rows]
+
+
+def _rewrap(connection: sqlite3.Connection, changes: Sequence[Rewrap], stamp: str) -> int:
+    with _transaction(connection):
+        cursor = connection.executemany(
+            "UPDATE cards SET wrapped_dek = ?, key_version = ?, updated_at = ? "
+            "WHERE card_ref = ? AND key_version = ?",
+            [
+                (change.wrapped_dek, change.new_version, stamp, change.card_ref, change.old_version)
+                for change in changes
+            ],
+        )
+        return cursor.rowcount
+
+
+def _append_audit(
+    connection: sqlite3.Connection, entries: Sequence[tuple[dt.datetime, AuditEntry]]
+) -> list[StoredAuditEntry]:
+    if not entries:
+        return []
+    with _transaction(connection):
+        seq, head = _audit_head(connection)
+        stored = chain(seq, head, entries)
+        connection.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])
+        connection.execute(
+            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+            (stored[-1].seq, stored[-1].hash),
+        )
+    return stored
+
+
+def _audit_values(item: StoredAuditEntry) -> tuple[Any, ...]:
+    entry = item.entry
+    return (
+        item.seq,
+        format_at(item.at),
+        entry.merchant_id,
+        entry.card_ref,
+        entry.request_id,
+        entry.cc_jti,
+        entry.tt_jti,
+        entry.outcome,
+        entry.reason,
+        item.prev_hash,
+        item.hash,
+    )
+
+
+def _audit_rows(
+    connection: sqlite3.Connection, sql: str, params: tuple[int, ...]
+) -> list[StoredAuditEntry]:
+    return [_stored_entry(row) for row in connection.execute(sql, params).fetchall()]
+
+
+def _stored_entry(row: tuple[Any, ...]) -> StoredAuditEntry:
+    seq, at, *fields, prev_hash, hash_ = row
+    return StoredAuditEntry(
+        seq, dt.datetime.fromisoformat(at), AuditEntry(*fields), prev_hash, hash_
+    )
+
+
+def _audit_head(connection: sqlite3.Connection) -> tuple[int, str]:
+    seq, head = connection.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+    return int(seq), str(head)
