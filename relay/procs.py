@@ -43,7 +43,7 @@ class Child:
         *,
         ready_event: str,
         env: Mapping[str, str] | None = None,
-        timeout: float = 30.0,  # noqa: ASYNC109  the start-up budget is part of the contract
+        timeout: float = 30.0,
     ) -> Child:
         """Run `relay ARGS`, and return once it logs ready_event (whose fields are .ready)."""
         process = await asyncio.create_subprocess_exec(
@@ -65,7 +65,7 @@ class Child:
             raise ChildFailed(f"{name} did not become ready: {tail}") from None
         return child
 
-    async def stop(self, timeout: float = 10.0) -> int:  # noqa: ASYNC109  the drain budget
+    async def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait for the drain, SIGKILL if it overstays; returns the exit code."""
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):

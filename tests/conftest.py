@@ -20,7 +20,9 @@ import pytest
 from relay.logging import configure_logging
 from tests.cards_testdata import find_test_pans
 
-pytest_plugins = ["pytester"]
+# tests.vault_backends: one throwaway PostgreSQL database for the whole run, shared by every
+# directory that uses the vault or ledger fixtures.
+pytest_plugins = ["pytester", "tests.vault_backends"]
 
 # At most one capture fixture may be active per test: use the test's own if it asked for one.
 _CAPTURE_FIXTURES = ("capsys", "capteesys", "capsysbinary", "capfdbinary", "capfd")

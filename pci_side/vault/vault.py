@@ -177,8 +177,12 @@ class CardVault:
         return added
 
     async def revoke(self, card_ref: str, merchant_id: str) -> bool:
-        """Withdraw a grant; False if there was none."""
-        return await self._store.remove_grant(card_ref, merchant_id)
+        """Withdraw a grant; False if there was none; CardNotFound if there is no such card."""
+        if await self._store.remove_grant(card_ref, merchant_id):
+            return True
+        if await self._store.find_card(card_ref, merchant_id) is None:
+            raise CardNotFound(NOT_FOUND_MESSAGE, card_ref=card_ref)
+        return False
 
     async def list_cards(self, *, limit: int = 100, after: str | None = None) -> list[CardSummary]:
         """Masked summaries ordered by card_ref, after the given card_ref (keyset paging)."""

@@ -1,0 +1,145 @@
+"""The in-memory ledger: one process, one event loop (the default for a single replica).
+
+Every state change of a request_id replaces its entry and sets the old entry's event, so a
+waiter sleeps on exactly the entry it saw and wakes on the change, or when that entry's lease
+lapses, or at its deadline: no polling. Nothing awaits between looking at an entry and
+replacing it, so on one event loop a claim is atomic without a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+
+from merchant_side.ledger.model import (
+    Claim,
+    TokenRecord,
+    check_request_id,
+    held_elsewhere,
+    used_for_another_card,
+)
+
+__all__ = ["MemoryLedger"]
+
+PURGE_EVERY: Final = 256
+"""Claims between two lazy purges: keeps the dict bounded by the traffic of ~15 minutes."""
+
+_log = structlog.get_logger("merchant_side.ledger")
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    card_ref: str
+    lease_until: float
+    record: TokenRecord | None = None
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def free_at(self, now: float) -> bool:
+        if self.record is None:
+            return self.lease_until <= now
+        return not self.record.live_at(now)
+
+    def keeps_out(self, card_ref: str, now: float) -> bool:
+        """Whether a record for card_ref may not replace this entry."""
+        live = not self.free_at(now)
+        return live and (self.record is not None or self.card_ref != card_ref)
+
+
+class MemoryLedger:
+    """A Ledger in a dict; idempotency holds within this process only."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        """Start empty; clock gives epoch seconds (injectable so tests can move time)."""
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._claims = 0
+
+    async def claim(
+        self, request_id: str, card_ref: str, *, lease_seconds: float, wait_seconds: float
+    ) -> Claim:
+        """See Ledger.claim."""
+        check_request_id(request_id)
+        self._purge_now_and_then()
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while True:
+            now = self._clock()
+            entry = self._entries.get(request_id)
+            if entry is None or entry.free_at(now):
+                self._replace(request_id, _Entry(card_ref, now + lease_seconds))
+                if entry is not None and entry.record is None:
+                    _log.warning("ledger_lease_lapsed", request_id=request_id)
+                return Claim(None)
+            if entry.card_ref != card_ref:
+                raise used_for_another_card(request_id)
+            if entry.record is not None:
+                return Claim(entry.record)
+            await self._wait(request_id, entry, deadline, now)
+
+    async def complete(self, record: TokenRecord) -> None:
+        """See Ledger.complete."""
+        entry = self._entries.get(record.request_id)
+        if entry is not None and entry.keeps_out(record.card_ref, self._clock()):
+            # The first live record is the answer every duplicate already got: keep it.
+            _log.warning("ledger_complete_ignored", request_id=record.request_id)
+            return
+        self._replace(record.request_id, _Entry(record.card_ref, 0.0, record))
+
+    async def abandon(self, request_id: str) -> None:
+        """See Ledger.abandon."""
+        entry = self._entries.get(request_id)
+        if entry is not None and entry.record is None:
+            self._replace(request_id, None)
+
+    async def get(self, request_id: str) -> TokenRecord | None:
+        """See Ledger.get."""
+        entry = self._entries.get(request_id)
+        if entry is None or entry.record is None or not entry.record.live_at(self._clock()):
+            return None
+        return entry.record
+
+    async def purge_expired(self) -> int:
+        """See Ledger.purge_expired."""
+        return self._purge()
+
+    async def close(self) -> None:
+        """Drop every entry and wake every waiter (which then finds the id free)."""
+        for key in list(self._entries):
+            self._replace(key, None)
+
+    def __len__(self) -> int:
+        """Entries held, live or not yet purged."""
+        return len(self._entries)
+
+    def _replace(self, request_id: str, entry: _Entry | None) -> None:
+        old = self._entries.pop(request_id, None)
+        if entry is not None:
+            self._entries[request_id] = entry
+        if old is not None:
+            old.changed.set()
+
+    def _purge_now_and_then(self) -> None:
+        self._claims += 1
+        if self._claims % PURGE_EVERY == 0:
+            self._purge()
+
+    def _purge(self) -> int:
+        now = self._clock()
+        expired = [key for key, entry in self._entries.items() if entry.free_at(now)]
+        for key in expired:
+            self._replace(key, None)
+        return len(expired)
+
+    async def _wait(self, request_id: str, entry: _Entry, deadline: float, now: float) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise held_elsewhere(request_id)
+        # Wake on the entry's change, or when its lease lapses, or at the deadline.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(remaining, entry.lease_until - now)):
+                await entry.changed.wait()

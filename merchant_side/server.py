@@ -1,0 +1,135 @@
+"""The MerchantGateway gRPC servicer: pb in, one Gateway call, pb out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from merchant_side.gateway import Gateway, TokenRequest
+from merchant_side.ledger import TokenRecord
+from merchant_side.pci_client import PciClient, PciStream, PciToken
+from relay import rpc
+from relay.errors import DeadlineExceeded, RelayError
+from relay.flex.fields import FieldSpec
+from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
+from relay.streams import bounded_map
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_log = structlog.get_logger("merchant_side.server")
+
+
+class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
+    """CreateSession, RequestToken, RequestTokens and GetToken over one Gateway."""
+
+    def __init__(self, gateway: Gateway, pci: PciClient, *, bulk_concurrency: int) -> None:
+        """Share the gateway and the PciRelay client across calls."""
+        self._gateway = gateway
+        self._pci = pci
+        self._bulk_concurrency = bulk_concurrency
+
+    @rpc.unary
+    async def CreateSession(  # noqa: N802  the generated servicer's method name
+        self, request: merchant_gateway_pb2.CreateSessionRequest, _context: Context
+    ) -> merchant_gateway_pb2.CreateSessionResponse:
+        """A verified capture context, its jti and expiry."""
+        ctx = await self._gateway.create_session(_fields(request.fields))
+        return merchant_gateway_pb2.CreateSessionResponse(
+            capture_context=ctx.raw, jti=ctx.jti, expires_at=_timestamp(ctx.expires_at)
+        )
+
+    @rpc.unary
+    async def RequestToken(  # noqa: N802
+        self, request: merchant_gateway_pb2.TokenRequest, context: Context
+    ) -> merchant_gateway_pb2.TokenResult:
+        """The whole flow for one card; failures are statuses with a relay-reason."""
+
+        async def tokenize(request_id: str, cc: str, card_ref: str, left: float) -> PciToken:
+            return await self._pci.tokenize(request_id, cc, card_ref, timeout=left)
+
+        record = await self._gateway.request_token(
+            _domain(request), tokenize, deadline=context.time_remaining()
+        )
+        return _result(record)
+
+    @rpc.stream
+    async def RequestTokens(  # noqa: N802
+        self, requests: AsyncIterator[merchant_gateway_pb2.TokenRequest], _context: Context
+    ) -> AsyncIterator[merchant_gateway_pb2.TokenResult]:
+        """Bulk: results stream back as each finishes, each a token or a per-item error."""
+        stream = self._pci.stream()
+
+        async def work(
+            request: merchant_gateway_pb2.TokenRequest,
+        ) -> merchant_gateway_pb2.TokenResult:
+            return await self._one_of_many(stream, request)
+
+        try:
+            async for result in bounded_map(requests, work, concurrency=self._bulk_concurrency):
+                yield result
+        finally:
+            await stream.close()
+
+    @rpc.unary
+    async def GetToken(  # noqa: N802
+        self, request: merchant_gateway_pb2.GetTokenRequest, _context: Context
+    ) -> merchant_gateway_pb2.TokenResult:
+        """The recorded token for a request_id while it lives, else NOT_FOUND."""
+        return _result(await self._gateway.get_token(request.request_id))
+
+    async def _one_of_many(
+        self, stream: PciStream, request: merchant_gateway_pb2.TokenRequest
+    ) -> merchant_gateway_pb2.TokenResult:
+        async def tokenize(request_id: str, cc: str, card_ref: str, left: float) -> PciToken:
+            try:
+                async with asyncio.timeout(left):
+                    return await stream.submit(request_id, cc, card_ref)
+            except TimeoutError:
+                raise DeadlineExceeded("the request's deadline passed") from None
+
+        try:
+            record = await self._gateway.request_token(_domain(request), tokenize, deadline=None)
+        except RelayError as exc:
+            return merchant_gateway_pb2.TokenResult(
+                request_id=request.request_id, card_ref=request.card_ref, error=rpc.error_to_pb(exc)
+            )
+        except Exception:  # noqa: BLE001  one bad item must not end the stream
+            _log.exception("request_crashed", request_id=request.request_id)
+            return merchant_gateway_pb2.TokenResult(
+                request_id=request.request_id,
+                card_ref=request.card_ref,
+                error=rpc.error_to_pb(rpc.internal_error()),
+            )
+        return _result(record)
+
+
+def _fields(specs: Any) -> tuple[FieldSpec, ...]:  # noqa: ANN401  a repeated pb field
+    return tuple(FieldSpec(spec.path, spec.required) for spec in specs)
+
+
+def _domain(request: merchant_gateway_pb2.TokenRequest) -> TokenRequest:
+    return TokenRequest(request.request_id, request.card_ref, _fields(request.fields))
+
+
+def _timestamp(seconds: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromSeconds(seconds)
+    return stamp
+
+
+def _result(record: TokenRecord) -> merchant_gateway_pb2.TokenResult:
+    token = merchant_gateway_pb2.TransientToken(
+        transient_token=record.transient_token,
+        jti=record.jti,
+        expires_at=_timestamp(record.expires_at),
+        masked_pan=record.masked_pan,
+        bin=record.bin,
+        card_type=record.card_type,
+    )
+    return merchant_gateway_pb2.TokenResult(
+        request_id=record.request_id, card_ref=record.card_ref, token=token
+    )

@@ -1,0 +1,426 @@
+"""The token ledger on both backends: idempotency, concurrent duplicates, leases and expiry.
+
+Every test that takes ``ledger`` or ``open_ledgers`` runs on memory and on PostgreSQL (a fresh
+schema in the run's own database, tests/vault_backends.py); tests named ``*_replicas`` open two
+PostgreSQL ledgers on one database, as two gateway replicas would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import psycopg
+import pytest
+
+from merchant_side.ledger import (
+    MAX_REQUEST_ID_LENGTH,
+    Claim,
+    Ledger,
+    MemoryLedger,
+    TokenRecord,
+    open_ledger,
+)
+from merchant_side.ledger.memory import PURGE_EVERY
+from relay.errors import ConfigError, InvalidRequest, Unavailable
+from relay.secrets import Secret
+from tests.vault_backends import (  # noqa: F401 - pytest finds fixtures by name
+    postgres_database,
+    postgres_schema,
+    postgres_server,
+)
+
+LEASE = 10.0
+WAIT = 5.0
+TOKEN = "eyJraWQiOiJ0ZXN0In0.eyJqdGkiOiJ0dC0xIn0.c2lnbmF0dXJl"  # a fake TT: a JWT in shape only
+
+OpenLedgers = Callable[[], Awaitable[Ledger]]
+
+
+class FakeClock:
+    """Real time plus an offset that a test moves forward to expire tokens."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def postgres_ledger_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    database: str = request.getfixturevalue("postgres_database")
+    with postgres_schema(database) as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory"
+    url: str = request.getfixturevalue("postgres_ledger_url")
+    return url
+
+
+async def _opener(url: str, clock: FakeClock) -> AsyncIterator[OpenLedgers]:
+    opened: list[Ledger] = []
+
+    async def open_one() -> Ledger:
+        opened.append(await open_ledger(Secret(url), clock=clock))
+        return opened[-1]
+
+    yield open_one
+    for ledger in opened:
+        await ledger.close()
+
+
+@pytest.fixture
+async def open_ledgers(ledger_url: str, clock: FakeClock) -> AsyncIterator[OpenLedgers]:
+    async for opener in _opener(ledger_url, clock):
+        yield opener
+
+
+@pytest.fixture
+async def open_replicas(postgres_ledger_url: str, clock: FakeClock) -> AsyncIterator[OpenLedgers]:
+    async for opener in _opener(postgres_ledger_url, clock):
+        yield opener
+
+
+@pytest.fixture
+async def ledger(open_ledgers: OpenLedgers) -> Ledger:
+    return await open_ledgers()
+
+
+def make_record(
+    clock: FakeClock,
+    request_id: str = "req-1",
+    card_ref: str = "card-1",
+    *,
+    ttl: int = 900,
+    jti: str = "tt-1",
+) -> TokenRecord:
+    return TokenRecord(
+        request_id=request_id,
+        card_ref=card_ref,
+        transient_token=TOKEN,
+        jti=jti,
+        expires_at=int(clock()) + ttl,
+        masked_pan="XXXXXXXXXXXX1111",
+        bin="411111",
+        card_type="001",
+    )
+
+
+async def claim(
+    ledger: Ledger,
+    request_id: str = "req-1",
+    card_ref: str = "card-1",
+    *,
+    lease: float = LEASE,
+    wait: float = WAIT,
+) -> Claim:
+    return await ledger.claim(request_id, card_ref, lease_seconds=lease, wait_seconds=wait)
+
+
+async def tokenize_once(ledger: Ledger, record: TokenRecord, work: float = 0.1) -> Claim | str:
+    """What the gateway does: claim, and if it owns the request, work then complete."""
+    claimed = await claim(ledger, record.request_id, record.card_ref)
+    if claimed.record is not None:
+        return claimed
+    await asyncio.sleep(work)
+    await ledger.complete(record)
+    return "tokenized"
+
+
+# --- The basic life of a request_id ------------------------------------------------------------
+
+
+async def test_claim_complete_replay_and_expiry(ledger: Ledger, clock: FakeClock) -> None:
+    """A new id is owned, a completed one replays its record, an expired one is free again."""
+    assert Claim(None) == await claim(ledger)
+    record = make_record(clock)
+    await ledger.complete(record)
+    assert Claim(record) == await claim(ledger)
+    assert record == await ledger.get("req-1")
+    clock.advance(900)
+    assert await ledger.get("req-1") is None
+    assert Claim(None) == await claim(ledger)
+
+
+async def test_get_of_an_unknown_or_pending_id_is_none(ledger: Ledger) -> None:
+    """Only a completed, live record is returned."""
+    assert await ledger.get("nobody") is None
+    await claim(ledger)
+    assert await ledger.get("req-1") is None
+
+
+@pytest.mark.parametrize("completed", [False, True], ids=["pending", "done"])
+async def test_another_card_ref_is_refused(
+    ledger: Ledger, clock: FakeClock, completed: bool
+) -> None:
+    """A request_id held or recorded for one card_ref cannot be used for another."""
+    await claim(ledger)
+    if completed:
+        await ledger.complete(make_record(clock))
+    with pytest.raises(InvalidRequest) as info:
+        await claim(ledger, card_ref="card-2", wait=0)
+    assert "request_id was already used for another card_ref" == info.value.message
+    assert {"request_id": "req-1"} == info.value.ids
+
+
+async def test_an_expired_record_frees_the_id_for_another_card(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Once its token expired, a request_id may be used again, for any card_ref."""
+    await claim(ledger)
+    await ledger.complete(make_record(clock))
+    clock.advance(901)
+    assert Claim(None) == await claim(ledger, card_ref="card-2")
+
+
+async def test_complete_keeps_the_first_live_record(ledger: Ledger, clock: FakeClock) -> None:
+    """A second complete (a holder whose lease lapsed) does not change what duplicates got."""
+    await claim(ledger)
+    first = make_record(clock)
+    await ledger.complete(first)
+    await ledger.complete(make_record(clock, jti="tt-2"))
+    assert first == await ledger.get("req-1")
+
+
+async def test_request_id_length_is_checked(ledger: Ledger) -> None:
+    """Empty and oversized ids are refused before they reach storage."""
+    for request_id in ("", "r" * (MAX_REQUEST_ID_LENGTH + 1)):
+        with pytest.raises(InvalidRequest):
+            await claim(ledger, request_id)
+    assert Claim(None) == await claim(ledger, "r" * MAX_REQUEST_ID_LENGTH)
+
+
+# --- Concurrent duplicates ---------------------------------------------------------------------
+
+
+async def test_concurrent_duplicates_tokenize_once(ledger: Ledger, clock: FakeClock) -> None:
+    """20 concurrent claims of one id: one works and completes, 19 get its record."""
+    record = make_record(clock)
+    results = await asyncio.gather(*(tokenize_once(ledger, record) for _ in range(20)))
+    assert 1 == results.count("tokenized")
+    assert [Claim(record)] * 19 == [result for result in results if result != "tokenized"]
+
+
+async def test_concurrent_duplicates_across_replicas_tokenize_once(
+    open_replicas: OpenLedgers, clock: FakeClock
+) -> None:
+    """Two replicas (two pools) racing on one id: exactly one winner overall."""
+    replicas = [await open_replicas(), await open_replicas()]
+    record = make_record(clock)
+    results = await asyncio.gather(
+        *(tokenize_once(replicas[index % 2], record) for index in range(20))
+    )
+    assert 1 == results.count("tokenized")
+    assert [Claim(record)] * 19 == [result for result in results if result != "tokenized"]
+
+
+async def test_concurrent_takeover_of_an_expired_record_has_one_winner(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """An expired record is free again, but only for one of many concurrent claimants."""
+    await claim(ledger)
+    await ledger.complete(make_record(clock, ttl=1))
+    clock.advance(2)
+    fresh = make_record(clock, jti="tt-2")
+    results = await asyncio.gather(*(tokenize_once(ledger, fresh) for _ in range(20)))
+    assert 1 == results.count("tokenized")
+    assert fresh == await ledger.get("req-1")
+
+
+async def test_concurrent_takeover_across_replicas_has_one_winner(
+    open_replicas: OpenLedgers, clock: FakeClock
+) -> None:
+    """A lapsed lease seen by two replicas at once is taken over by exactly one claimant."""
+    replicas = [await open_replicas(), await open_replicas()]
+    await claim(replicas[0], lease=0.2)
+    await asyncio.sleep(0.25)
+    results = await asyncio.gather(
+        *(tokenize_once(replicas[index % 2], make_record(clock)) for index in range(20))
+    )
+    assert 1 == results.count("tokenized")
+
+
+# --- Waiting: abandon, lapsed leases, the wait limit -------------------------------------------
+
+
+async def _claim_timed(ledger: Ledger) -> tuple[Claim, float]:
+    started = time.monotonic()
+    claimed = await claim(ledger)
+    return claimed, time.monotonic() - started
+
+
+async def test_abandon_lets_a_waiter_take_over_promptly(ledger: Ledger) -> None:
+    """A waiter is woken by abandon and owns the request at once, long before the lease ends."""
+    await claim(ledger)
+    waiter = asyncio.create_task(claim(ledger))
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
+    abandoned_at = time.monotonic()
+    await ledger.abandon("req-1")
+    assert Claim(None) == await waiter
+    assert time.monotonic() - abandoned_at < 0.3
+
+
+async def test_abandon_wakes_a_waiter_on_another_replica(open_replicas: OpenLedgers) -> None:
+    """The NOTIFY of one replica's abandon wakes a waiter on another, faster than its timer."""
+    holder, other = await open_replicas(), await open_replicas()
+    await claim(holder)
+    waiter = asyncio.create_task(claim(other))
+    await asyncio.sleep(0.1)
+    abandoned_at = time.monotonic()
+    await holder.abandon("req-1")
+    assert Claim(None) == await waiter
+    assert time.monotonic() - abandoned_at < 0.3
+
+
+async def test_abandon_ends_only_this_replicas_lease(open_replicas: OpenLedgers) -> None:
+    """A replica cannot end a lease another replica holds (it may have taken it over)."""
+    holder, other = await open_replicas(), await open_replicas()
+    await claim(holder)
+    await other.abandon("req-1")
+    with pytest.raises(Unavailable):
+        await claim(other, wait=0.1)
+
+
+async def test_a_lapsed_lease_is_taken_over(ledger: Ledger) -> None:
+    """A holder that vanished without abandon loses the request after lease_seconds."""
+    await claim(ledger, lease=0.3)
+    claimed, waited = await _claim_timed(ledger)
+    assert Claim(None) == claimed
+    assert 0.2 < waited < 1.0
+
+
+async def test_a_lapsed_lease_is_taken_over_by_another_replica(open_replicas: OpenLedgers) -> None:
+    """A replica that died holding a lease does not block the others for longer than it."""
+    gone, other = await open_replicas(), await open_replicas()
+    await claim(gone, lease=0.3)
+    await gone.close()
+    claimed, waited = await _claim_timed(other)
+    assert Claim(None) == claimed
+    assert 0.2 < waited < 1.0
+
+
+async def test_waiting_past_wait_seconds_is_unavailable(ledger: Ledger) -> None:
+    """While another caller holds the id, a claim gives up after wait_seconds, retryably."""
+    await claim(ledger)
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as info:
+        await claim(ledger, wait=0.2)
+    assert 0.15 < time.monotonic() - started < 0.8
+    assert "request_id is being processed" == info.value.message
+    assert {"request_id": "req-1"} == info.value.ids
+    assert info.value.retryable
+
+
+# --- Purging and secrecy -----------------------------------------------------------------------
+
+
+async def test_purge_expired_removes_expired_records_and_lapsed_leases(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Expired records and lapsed leases go; live records and live leases stay."""
+    for request_id, ttl in (("old", 60), ("new", 900)):
+        await claim(ledger, request_id)
+        await ledger.complete(make_record(clock, request_id, ttl=ttl))
+    await claim(ledger, "lapsed", lease=30)
+    await claim(ledger, "held", lease=300)
+    clock.advance(120)
+    assert 2 == await ledger.purge_expired()
+    assert 0 == await ledger.purge_expired()
+    assert await ledger.get("new") is not None
+    with pytest.raises(Unavailable):
+        await claim(ledger, "held", wait=0)
+
+
+async def test_the_memory_ledger_purges_lazily(clock: FakeClock) -> None:
+    """Expired entries do not pile up in memory even if nobody calls purge_expired."""
+    ledger = MemoryLedger(clock=clock)
+    for index in range(PURGE_EVERY - 1):
+        await claim(ledger, f"old-{index}", lease=1)
+    clock.advance(2)
+    assert PURGE_EVERY - 1 == len(ledger)
+    await claim(ledger, "new")
+    assert 1 == len(ledger)
+
+
+def test_repr_hides_the_transient_token(clock: FakeClock) -> None:
+    """The TT is a bearer credential: no rendering of a record shows it."""
+    record = make_record(clock)
+    for text in (repr(record), str(record), f"{record}", repr(Claim(record))):
+        assert TOKEN not in text
+        assert "tt-1" in text
+
+
+async def test_the_transient_token_is_never_logged(
+    ledger: Ledger, clock: FakeClock, log_stream: io.StringIO
+) -> None:
+    """Paths that log (a lapsed lease, an ignored complete) name the request, not the token."""
+    await claim(ledger, lease=0.05)
+    await asyncio.sleep(0.1)
+    await claim(ledger)
+    await ledger.complete(make_record(clock))
+    await ledger.complete(make_record(clock))
+    logged = log_stream.getvalue()
+    assert "ledger_lease_lapsed" in logged
+    assert "ledger_complete_ignored" in logged
+    assert TOKEN not in logged
+
+
+# --- Opening -----------------------------------------------------------------------------------
+
+
+async def test_open_ledger_refuses_other_urls() -> None:
+    """Only memory and postgresql:// name a ledger."""
+    with pytest.raises(ConfigError):
+        await open_ledger(Secret("sqlite:///ledger.db"))
+
+
+async def test_concurrent_opens_migrate_once(postgres_ledger_url: str) -> None:
+    """Replicas starting together create the table once; opening again changes nothing."""
+    ledgers = await asyncio.gather(*(open_ledger(Secret(postgres_ledger_url)) for _ in range(4)))
+    ledgers.append(await open_ledger(Secret(postgres_ledger_url)))
+    for ledger in ledgers:
+        await ledger.close()
+    async with await psycopg.AsyncConnection.connect(postgres_ledger_url) as conn:
+        cursor = await conn.execute("SELECT version FROM token_ledger_schema")
+        assert [(1,)] == await cursor.fetchall()
+
+
+async def test_a_lost_listen_connection_is_restored(
+    open_replicas: OpenLedgers, postgres_ledger_url: str
+) -> None:
+    """If the server drops the LISTEN connection, waiters still wake, and listening resumes."""
+    holder, other = await open_replicas(), await open_replicas()
+    async with await psycopg.AsyncConnection.connect(postgres_ledger_url) as conn:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+        )
+    await claim(holder)
+    waiter = asyncio.create_task(claim(other))
+    await asyncio.sleep(0.1)
+    await holder.abandon("req-1")
+    assert Claim(None) == await asyncio.wait_for(waiter, 1.0)
+    await other.abandon("req-1")
+    await claim(holder)
+    waiter = asyncio.create_task(claim(other))
+    await asyncio.sleep(0.1)
+    abandoned_at = time.monotonic()
+    await holder.abandon("req-1")
+    assert Claim(None) == await waiter
+    assert time.monotonic() - abandoned_at < 0.3
