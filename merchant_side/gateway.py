@@ -25,7 +25,6 @@ from relay.errors import (
     DeadlineExceeded,
     FlexUnavailable,
     InvalidRequest,
-    RelayError,
     TokenNotFound,
     Unavailable,
 )
@@ -113,8 +112,8 @@ class Gateway:
     ) -> TokenRecord:
         attempts = self._config.max_attempts
         for attempt in range(1, attempts + 1):
-            ctx = await self.create_session(request.fields)
             try:
+                ctx = await self.create_session(request.fields)
                 token = await tokenize(
                     request.request_id, ctx.raw, request.card_ref, self._left(until)
                 )
@@ -151,8 +150,3 @@ def _validate(request: TokenRequest) -> None:
         raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
     if not _ID.fullmatch(request.card_ref):
         raise InvalidRequest("card_ref is missing or malformed", request_id=request.request_id)
-
-
-def is_recoverable(exc: RelayError) -> bool:
-    """Whether a fresh session may fix this failure."""
-    return isinstance(exc, _RECOVERABLE)
