@@ -3,6 +3,9 @@
 `relay bench flex` starts the simulator as its own process and times, over N rounds, one
 authenticated session (create + verify the capture context) and one token (encrypt + POST +
 verify the transient token), sequentially and then with C in flight.
+
+`relay bench e2e` starts the whole local stack (relay.stack) and measures the three-party
+path: plain sequential RequestToken calls next to one RequestTokens bulk stream.
 """
 
 from __future__ import annotations
@@ -10,18 +13,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import secrets
 import statistics
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from relay.cards import CardData, Pan, SecurityCode, luhn_ok
 from relay.config import FlexConfig, FlexCredentials
 from relay.flex.client import FlexClient, new_http_client
 from relay.flex.models import CaptureContext
 from relay.flex.signing import decode_shared_secret
+from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
 from relay.procs import Child
+from relay.stack import local_stack
 
 T = TypeVar("T")
 
@@ -35,6 +41,72 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     flex.add_argument("--concurrency", type=int, default=8)
     flex.add_argument("--pool-size", type=int, default=256, help="simulator one-time key pool")
     flex.set_defaults(func=lambda a: asyncio.run(bench_flex(a.rounds, a.concurrency, a.pool_size)))
+    e2e = scenarios.add_parser(
+        "e2e", help="the three-party path: sequential RequestToken calls, then one bulk stream"
+    )
+    e2e.add_argument("--requests", type=int, default=500)
+    e2e.add_argument("--sequential", type=int, default=100, help="unary calls, one at a time")
+    e2e.add_argument(
+        "--pool-size", type=int, default=700, help="simulator one-time keys made ahead"
+    )
+    e2e.set_defaults(func=lambda a: asyncio.run(bench_e2e(a.requests, a.sequential, a.pool_size)))
+
+
+async def bench_e2e(requests: int, sequential: int, pool_size: int) -> int:
+    """Tokens/s and latency through merchant gateway, PciRelay and the simulator."""
+    # The per-merchant rate limit guards against enumeration; a bench is one merchant on purpose.
+    limits = {"RELAY_PCI_RATE_PER_SECOND": "100000", "RELAY_PCI_RATE_BURST": "100000"}
+    async with local_stack(pool_size=pool_size, settings=limits) as stack:
+        # One-time RSA keys are made at ~20-25/s on this kind of machine; let the pool fill so
+        # the numbers measure the relay, not the simulator's keygen.
+        await asyncio.sleep(min(90.0, pool_size / 20))
+        async with stack.gateway_channel() as channel:
+            stub = merchant_gateway_pb2_grpc.MerchantGatewayStub(channel)  # type: ignore[no-untyped-call]
+            refs = stack.card_refs
+            latencies: list[float] = []
+            started = time.perf_counter()
+            for index in range(sequential):
+                request = merchant_gateway_pb2.TokenRequest(
+                    request_id=f"seq-{index}", card_ref=refs[index % len(refs)]
+                )
+                call_started = time.perf_counter()
+                await stub.RequestToken(request, timeout=30)
+                latencies.append((time.perf_counter() - call_started) * 1000)
+            _report_e2e("sequential RequestToken", latencies, time.perf_counter() - started)
+            await _bulk(stub, refs, requests)
+    return 0
+
+
+async def _bulk(stub: Any, refs: list[str], count: int) -> None:  # noqa: ANN401
+    sent: dict[str, float] = {}
+
+    async def requests() -> AsyncIterator[merchant_gateway_pb2.TokenRequest]:
+        for index in range(count):
+            sent[f"bulk-{index}"] = time.perf_counter()
+            yield merchant_gateway_pb2.TokenRequest(
+                request_id=f"bulk-{index}", card_ref=refs[index % len(refs)]
+            )
+
+    latencies: list[float] = []
+    failures: collections.Counter[str] = collections.Counter()
+    started = time.perf_counter()
+    async for result in stub.RequestTokens(requests(), timeout=300):
+        latencies.append((time.perf_counter() - sent[result.request_id]) * 1000)
+        if result.WhichOneof("outcome") != "token":
+            failures[result.error.reason] += 1
+    title = f"one RequestTokens stream (failed: {dict(failures) or 0})"
+    _report_e2e(title, latencies, time.perf_counter() - started)
+
+
+def _report_e2e(title: str, latencies: list[float], elapsed: float) -> None:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    print(  # noqa: T201
+        f"{title}: {len(ordered)} tokens in {elapsed:.2f} s = "
+        f"{len(ordered) / elapsed:.1f} tokens/s; "
+        f"p50 {statistics.median(ordered):.1f} ms, p90 {ordered[int(len(ordered) * 0.9)]:.1f} ms, "
+        f"p99 {p99:.1f} ms"
+    )
 
 
 async def bench_flex(rounds: int, concurrency: int, pool_size: int) -> int:
