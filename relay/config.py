@@ -7,6 +7,7 @@ collected into one ConfigError naming variables, never values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import urllib.parse
@@ -513,3 +514,26 @@ class EnvReader:
         except (OSError, UnicodeDecodeError):
             self.problem(f"{name}_FILE cannot be read as text")
             return None
+
+
+class _RecordingEnv(dict[str, str]):
+    """An empty environment that remembers every name asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        self.seen.add(key)
+        return default
+
+
+def known_variables() -> frozenset[str]:
+    """Every RELAY_* name some entry point reads: what deploy/ manifests may set."""
+    env = _RecordingEnv()
+    for load in (Settings.from_env, VaultSettings.from_env, PciSettings.from_env):
+        with contextlib.suppress(ConfigError):
+            load(env)
+    with contextlib.suppress(ConfigError):
+        MerchantSettings.from_env(env)
+    return frozenset(env.seen)
