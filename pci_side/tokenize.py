@@ -8,6 +8,7 @@ is written to the audit chain before the caller hears the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import time
@@ -16,7 +17,7 @@ import structlog
 
 from pci_side.ratelimit import RateLimiter
 from pci_side.vault import AuditEntry, CardVault
-from relay.errors import InvalidRequest, NotGranted, RelayError
+from relay.errors import DeadlineExceeded, InvalidRequest, NotGranted, RelayError
 from relay.flex.client import FlexClient
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -53,38 +54,58 @@ class Tokenizer:
         self._limiter = limiter
 
     async def tokenize(self, merchant_id: str, request: TokenizeRequest) -> IssuedToken:
-        """Tokenize one card for one merchant, auditing the attempt whatever happens."""
+        """Tokenize one card for one merchant, auditing the attempt whatever happens.
+
+        A cancelled call (deadline, client gone) is audited too, as DEADLINE_EXCEEDED: the
+        card may already have been sent to Flex, and the audit chain must say so.
+        """
         _validate(request)
         with structlog.contextvars.bound_contextvars(
             request_id=request.request_id, merchant=merchant_id, card_ref=request.card_ref
         ):
             started = time.perf_counter()
-            entry = AuditEntry(merchant_id, request.card_ref, request.request_id, "", "", "", "")
+            attempt = _Attempt(
+                AuditEntry(merchant_id, request.card_ref, request.request_id, "", "", "", "")
+            )
             try:
-                issued, entry = await self._tokenize(merchant_id, request, entry)
+                issued = await self._tokenize(merchant_id, request, attempt)
             except RelayError as exc:
                 reason = "NOT_GRANTED" if isinstance(exc, NotGranted) else exc.reason
-                await self._vault.record_attempt(
-                    dataclasses.replace(entry, outcome="failure", reason=reason)
-                )
+                await self._audit(attempt, "failure", reason)
                 _log.info("tokenize_failed", reason=reason, ms=_ms(started))
                 raise
-            await self._vault.record_attempt(dataclasses.replace(entry, outcome="success"))
+            except asyncio.CancelledError:
+                await asyncio.shield(self._audit(attempt, "failure", DeadlineExceeded.reason))
+                _log.info("tokenize_cancelled", ms=_ms(started))
+                raise
+            await self._audit(attempt, "success", "")
             _log.info("tokenized", tt_jti=issued.jti, ms=_ms(started))
             return issued
 
+    async def _audit(self, attempt: _Attempt, outcome: str, reason: str) -> None:
+        await self._vault.record_attempt(
+            dataclasses.replace(attempt.entry, outcome=outcome, reason=reason)
+        )
+
     async def _tokenize(
-        self, merchant_id: str, request: TokenizeRequest, entry: AuditEntry
-    ) -> tuple[IssuedToken, AuditEntry]:
+        self, merchant_id: str, request: TokenizeRequest, attempt: _Attempt
+    ) -> IssuedToken:
         self._limiter.acquire(merchant_id)
         ctx = await self._flex.verify_capture_context(request.capture_context)
-        entry = dataclasses.replace(entry, cc_jti=ctx.jti)
+        attempt.entry = dataclasses.replace(attempt.entry, cc_jti=ctx.jti)
         card = await self._vault.load_card(request.card_ref, merchant_id)
         jwe = self._flex.encrypt_card(ctx, card)
         del card  # the clear card lives no longer than the encryption
         token = self._flex.verify_transient_token(await self._flex.post_token(ctx, jwe), ctx)
-        entry = dataclasses.replace(entry, tt_jti=token.jti)
-        return IssuedToken(request.request_id, token.raw, token.jti, token.expires_at), entry
+        attempt.entry = dataclasses.replace(attempt.entry, tt_jti=token.jti)
+        return IssuedToken(request.request_id, token.raw, token.jti, token.expires_at)
+
+
+@dataclasses.dataclass(slots=True)
+class _Attempt:
+    """What the audit record will say, filled in as the steps succeed."""
+
+    entry: AuditEntry
 
 
 def _validate(request: TokenizeRequest) -> None:
