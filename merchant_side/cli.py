@@ -13,8 +13,6 @@ import dataclasses
 import os
 from collections.abc import AsyncIterator
 
-import structlog
-
 from merchant_side.gateway import Gateway
 from merchant_side.ledger import open_ledger
 from merchant_side.pci_client import PciClient, open_channel
@@ -23,7 +21,13 @@ from relay.config import MerchantConfig, MerchantSettings
 from relay.flex.client import FlexClient, new_http_client
 from relay.logging import configure_logging
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
-from relay.serving import Served, new_server, start_server
+from relay.serving import (
+    Served,
+    new_server,
+    serve_until_signal,
+    start_server,
+    with_overrides,
+)
 
 SERVICE_NAME = merchant_gateway_pb2.DESCRIPTOR.services_by_name["MerchantGateway"].full_name
 
@@ -46,28 +50,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _serve(args: argparse.Namespace) -> int:
     settings = MerchantSettings.from_env(os.environ, insecure_dev=args.insecure_dev)
     configure_logging(level=settings.log_level)
-    server = settings.merchant.server
-    server = dataclasses.replace(
-        server,
-        host=args.host if args.host is not None else server.host,
-        port=args.port if args.port is not None else server.port,
-    )
-    asyncio.run(run(dataclasses.replace(settings.merchant, server=server)))
+    config = settings.merchant
+    config = dataclasses.replace(config, server=with_overrides(config.server, args.host, args.port))
+    asyncio.run(serve_until_signal(running(config), config.server, "merchant"))
     return 0
-
-
-async def run(config: MerchantConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and close."""
-    log = structlog.get_logger("merchant_side")
-    async with running(config) as served:
-        served.install_signal_handlers()
-        if config.server.insecure_dev:
-            log.warning("merchant_insecure_dev", detail="plaintext gRPC; never outside loopback")
-        log.info("merchant_listening", host=config.server.host, port=served.port)
-        await served.stopping.wait()
-        log.info("merchant_draining", grace_seconds=config.server.drain_seconds)
-        await served.drain(config.server.drain_seconds)
-    log.info("merchant_stopped")
 
 
 @contextlib.asynccontextmanager

@@ -17,8 +17,6 @@ import os
 from collections.abc import AsyncIterator
 from importlib import resources
 
-import structlog
-
 from pci_side.ratelimit import RateLimiter
 from pci_side.server import PciRelayService
 from pci_side.tokenize import Tokenizer
@@ -28,7 +26,13 @@ from relay.config import PciConfig, PciSettings, VaultSettings
 from relay.flex.client import FlexClient, new_http_client
 from relay.logging import configure_logging
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
-from relay.serving import Served, new_server, start_server
+from relay.serving import (
+    Served,
+    new_server,
+    serve_until_signal,
+    start_server,
+    with_overrides,
+)
 
 SERVICE_NAME = pci_relay_pb2.DESCRIPTOR.services_by_name["PciRelay"].full_name
 
@@ -88,28 +92,10 @@ async def seed_demo_cards(settings: VaultSettings, merchant: str) -> list[tuple[
 def _serve(args: argparse.Namespace) -> int:
     settings = PciSettings.from_env(os.environ, insecure_dev=args.insecure_dev)
     configure_logging(level=settings.log_level)
-    server = settings.pci.server
-    server = dataclasses.replace(
-        server,
-        host=args.host if args.host is not None else server.host,
-        port=args.port if args.port is not None else server.port,
-    )
-    asyncio.run(run(dataclasses.replace(settings.pci, server=server)))
+    config = settings.pci
+    config = dataclasses.replace(config, server=with_overrides(config.server, args.host, args.port))
+    asyncio.run(serve_until_signal(running(config), config.server, "pci"))
     return 0
-
-
-async def run(config: PciConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and close."""
-    log = structlog.get_logger("pci_side")
-    async with running(config) as served:
-        served.install_signal_handlers()
-        if config.server.insecure_dev:
-            log.warning("pci_insecure_dev", detail="plaintext gRPC; never outside loopback")
-        log.info("pci_listening", host=config.server.host, port=served.port)
-        await served.stopping.wait()
-        log.info("pci_draining", grace_seconds=config.server.drain_seconds)
-        await served.drain(config.server.drain_seconds)
-    log.info("pci_stopped")
 
 
 @contextlib.asynccontextmanager

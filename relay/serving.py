@@ -8,11 +8,14 @@ finish within the grace period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -114,3 +117,31 @@ def _read(path: str | None) -> bytes:
         return Path(path).read_bytes()
     except OSError:
         raise ConfigError([f"cannot read TLS file {Path(path).name}"]) from None
+
+
+def with_overrides(config: ServerConfig, host: str | None, port: int | None) -> ServerConfig:
+    """The config with --host/--port from the command line, where given."""
+    return dataclasses.replace(
+        config,
+        host=host if host is not None else config.host,
+        port=port if port is not None else config.port,
+    )
+
+
+async def serve_until_signal(
+    running: contextlib.AbstractAsyncContextManager[Served], config: ServerConfig, name: str
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; logs `<name>_listening` with the port."""
+    log = structlog.get_logger(name)
+    event = {
+        step: f"{name}_{step}" for step in ("insecure_dev", "listening", "draining", "stopped")
+    }
+    async with running as served:
+        served.install_signal_handlers()
+        if config.insecure_dev:
+            log.warning(event["insecure_dev"], detail="plaintext gRPC; never outside loopback")
+        log.info(event["listening"], host=config.host, port=served.port)
+        await served.stopping.wait()
+        log.info(event["draining"], grace_seconds=config.drain_seconds)
+        await served.drain(config.drain_seconds)
+    log.info(event["stopped"])
