@@ -13,11 +13,14 @@ import dataclasses
 import os
 from collections.abc import AsyncIterator
 
+import structlog
+
 from merchant_side.gateway import Gateway
-from merchant_side.ledger import open_ledger
+from merchant_side.ledger import Ledger, open_ledger
 from merchant_side.pci_client import PciClient, open_channel
 from merchant_side.server import MerchantGatewayService
 from relay.config import MerchantConfig, MerchantSettings
+from relay.errors import RelayError
 from relay.flex.client import FlexClient, new_http_client
 from relay.logging import configure_logging
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
@@ -74,9 +77,24 @@ async def running(config: MerchantConfig) -> AsyncIterator[Served]:
                     service, s
                 ),
             )
+            purger = asyncio.create_task(_purge_forever(ledger), name="ledger-purge")
             try:
                 yield served
             finally:
+                purger.cancel()
                 await served.server.stop(None)
     finally:
         await ledger.close()
+
+
+async def _purge_forever(ledger: Ledger, every: float = 60.0) -> None:
+    """Drop expired tokens and lapsed leases, so the ledger holds only live entries."""
+    log = structlog.get_logger("merchant_side.ledger")
+    while True:
+        await asyncio.sleep(every)
+        try:
+            purged = await ledger.purge_expired()
+        except RelayError as exc:
+            log.warning("ledger_purge_failed", reason=exc.reason)
+        else:
+            log.debug("ledger_purged", entries=purged)
