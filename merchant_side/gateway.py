@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -121,6 +122,9 @@ class Gateway:
                 if attempt == attempts or self._left(until) <= 0:
                     raise
                 _log.info("token_retry", reason=exc.reason, attempt=attempt)
+                # Full jitter, so a PciRelay outage is not met with a burst of Flex sessions.
+                delay = random.uniform(0, min(1.0, 0.05 * 2**attempt))  # noqa: S311  not crypto
+                await asyncio.sleep(min(delay, max(0.0, until - self._clock())))
                 continue
             return self._record(request, token, ctx)
         raise AssertionError("unreachable: max_attempts is at least 1")

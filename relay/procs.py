@@ -63,6 +63,10 @@ class Child:
             await child.stop()
             tail = " | ".join(child.lines[-3:])
             raise ChildFailed(f"{name} did not become ready: {tail}") from None
+        except BaseException:
+            # Cancelled (Ctrl-C) while waiting: the child must not outlive us as an orphan.
+            await asyncio.shield(child.stop())
+            raise
         return child
 
     async def stop(self, timeout: float = 10.0) -> int:

@@ -106,9 +106,12 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> RelayError:
         if key.startswith(ID_PREFIX)
     }
     cls = RelayError.by_reason.get(metadata.get(REASON_KEY, ""))
-    if cls is None:
-        cls = _BY_STATUS.get(exc.code(), RelayError)
-    return cls.from_wire(exc.details() or exc.code().name.lower(), ids)
+    if cls is not None:
+        return cls.from_wire(exc.details() or exc.code().name.lower(), ids)
+    # No relay reason: the failure came from gRPC itself (connect, TLS, deadline), whose text
+    # names internal addresses. Callers get fixed text instead.
+    cls = _BY_STATUS.get(exc.code(), RelayError)
+    return cls.from_wire(f"the peer service call failed ({exc.code().name})", ids)
 
 
 _BY_STATUS: dict[grpc.StatusCode, type[RelayError]] = {
