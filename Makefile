@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SDK_VENV := .venv-sdk
 SDK_STAMP := $(SDK_VENV)/.installed
+DEPLOY_VENV := .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
-.PHONY: all demo test lint format protos sdk-venv bench clean
+.PHONY: all demo test lint format protos sdk-venv deploy-venv deploy-check bench clean
 
 all: test
 
@@ -24,6 +26,20 @@ $(SDK_STAMP): scripts/sdk_requirements.txt
 	touch $@
 
 sdk-venv: $(SDK_STAMP)
+
+# The deploy tools (kubectl with kustomize, yamllint, kubernetes-validate, checkov) live in their
+# own virtualenv too: checkov's dependency tree stays out of .venv.
+$(DEPLOY_STAMP): scripts/deploy_requirements.txt
+	rm -rf $(DEPLOY_VENV)
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet -r scripts/deploy_requirements.txt
+	touch $@
+
+deploy-venv: $(DEPLOY_STAMP)
+
+# Render every overlay, then yamllint, strict schema validation and checkov, offline.
+deploy-check: $(DEPLOY_STAMP)
+	deploy/check.sh $(DEPLOY_VENV)
 
 demo: $(STAMP)
 	$(VENV)/bin/relay demo

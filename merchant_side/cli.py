@@ -82,7 +82,7 @@ async def running(config: MerchantConfig) -> AsyncIterator[Served]:
                 yield served
             finally:
                 purger.cancel()
-                await served.server.stop(None)
+                await served.close()
     finally:
         await ledger.close()
 

@@ -121,4 +121,4 @@ async def running(config: PciConfig) -> AsyncIterator[Served]:
         try:
             yield served
         finally:
-            await served.server.stop(None)
+            await served.close()

@@ -118,6 +118,9 @@ class ServerConfig:
     """Plaintext for local development only; must be asked for explicitly."""
     drain_seconds: float = 10.0
     """How long in-flight calls may run after SIGTERM."""
+    health_port: int | None = None
+    """A second listener, plaintext, serving only grpc.health.v1 (for the kubelet's gRPC
+    probes, which speak no TLS); None means none, 0 picks a free port."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -317,7 +320,7 @@ def vault_config(reader: EnvReader) -> VaultConfig:
 def server_config(
     reader: EnvReader, prefix: str, *, default_port: int, insecure_dev: bool = False
 ) -> ServerConfig:
-    """Read PREFIX_HOST, _PORT, _TLS_CERT_FILE, _TLS_KEY_FILE, _CLIENT_CA_FILE, _DRAIN_SECONDS.
+    """Read PREFIX_HOST, _PORT, _HEALTH_PORT, _DRAIN_SECONDS and the three TLS file variables.
 
     Plaintext is never a setting: only the explicit --insecure-dev flag passes insecure_dev.
     """
@@ -330,9 +333,18 @@ def server_config(
         client_ca_file=reader.path(f"{prefix}_CLIENT_CA_FILE"),
         insecure_dev=insecure,
         drain_seconds=reader.number(f"{prefix}_DRAIN_SECONDS", 10.0),
+        health_port=(
+            reader.integer(f"{prefix}_HEALTH_PORT", 0, minimum=0)
+            if reader.get(f"{prefix}_HEALTH_PORT") is not None
+            else None
+        ),
     )
     if config.port > 65535:
         reader.problem(f"{prefix}_PORT must be at most 65535")
+    if config.health_port is not None and (
+        config.health_port > 65535 or config.health_port == config.port != 0
+    ):
+        reader.problem(f"{prefix}_HEALTH_PORT must be at most 65535 and differ from {prefix}_PORT")
     tls = (config.tls_cert_file, config.tls_key_file, config.client_ca_file)
     if not insecure and None in tls and not reader.has_problems():
         reader.problem(

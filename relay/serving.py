@@ -56,12 +56,19 @@ class Served:
     """A started server: its port, its health servicer, and a way to wait for the signal."""
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, health_servicer: health_aio.HealthServicer
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        health_servicer: health_aio.HealthServicer,
+        health_server: grpc.aio.Server | None = None,
+        health_port: int | None = None,
     ) -> None:
         """Use start_server."""
         self.server = server
         self.port = port
         self.health = health_servicer
+        self.health_server = health_server
+        self.health_port = health_port
         self.stopping = asyncio.Event()
 
     def install_signal_handlers(self) -> None:
@@ -74,6 +81,13 @@ class Served:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop both listeners at once (after drain, or when start-up is abandoned)."""
+        await self.server.stop(None)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
 
 
 async def start_server(
@@ -108,7 +122,30 @@ async def start_server(
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Served(server, port, health_servicer)
+    served = Served(server, port, health_servicer)
+    if config.health_port is not None:
+        try:
+            await _start_health_listener(served, config.host, config.health_port)
+        except ConfigError:
+            await served.close()
+            raise
+    return served
+
+
+async def _start_health_listener(served: Served, host: str, port: int) -> None:
+    """Plaintext grpc.health.v1 only, sharing the servicer: drain shows there too.
+
+    The kubelet's gRPC probes cannot do TLS, and the main port is mutual TLS only. This
+    listener carries no business service and no reflection: it tells SERVING or NOT_SERVING.
+    """
+    health_server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(served.health, health_server)
+    try:
+        served.health_port = health_server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        raise ConfigError([f"cannot listen on {host}:{port} (health)"]) from None
+    served.health_server = health_server
+    await health_server.start()
 
 
 def _read(path: str | None) -> bytes:
@@ -140,7 +177,9 @@ async def serve_until_signal(
         served.install_signal_handlers()
         if config.insecure_dev:
             log.warning(event["insecure_dev"], detail="plaintext gRPC; never outside loopback")
-        log.info(event["listening"], host=config.host, port=served.port)
+        log.info(
+            event["listening"], host=config.host, port=served.port, health_port=served.health_port
+        )
         await served.stopping.wait()
         log.info(event["draining"], grace_seconds=config.drain_seconds)
         await served.drain(config.drain_seconds)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import FlexConfig, FlexCredentials, Settings, origin_of
+from relay.config import FlexConfig, FlexCredentials, PciSettings, Settings, origin_of
 from relay.errors import ConfigError
 from relay.secrets import Secret
 
@@ -225,3 +225,30 @@ def test_configured_origins_replace_the_fallback():
     """Configured allowed origins are the allow-list, without the base URL's origin."""
     config = FlexConfig(allowed_origins=frozenset({"https://testflex.cybersource.com"}))
     assert frozenset({"https://testflex.cybersource.com"}) == config.origins
+
+
+def _pci_env(tmp_path, **extra: str) -> dict[str, str]:
+    kek = tmp_path / "kek"
+    kek.write_text("1:" + base64.b64encode(b"k" * 32).decode())
+    fingerprint = tmp_path / "fp"
+    fingerprint.write_text(base64.b64encode(b"f" * 32).decode())
+    return {
+        "RELAY_VAULT_URL": f"sqlite:///{tmp_path}/v.db",
+        "RELAY_VAULT_KEK_FILE": str(kek),
+        "RELAY_VAULT_FINGERPRINT_KEY_FILE": str(fingerprint),
+        **extra,
+    }
+
+
+def test_health_port_is_optional_and_must_differ_from_the_main_port(tmp_path):
+    """Unset means no health listener; equal to the main port is a problem naming both."""
+    unset = PciSettings.from_env(_pci_env(tmp_path), insecure_dev=True)
+    chosen = PciSettings.from_env(
+        _pci_env(tmp_path, RELAY_PCI_HEALTH_PORT="8081"), insecure_dev=True
+    )
+    assert (None, 8081) == (unset.pci.server.health_port, chosen.pci.server.health_port)
+    with pytest.raises(ConfigError, match=r"RELAY_PCI_HEALTH_PORT .* differ from RELAY_PCI_PORT"):
+        PciSettings.from_env(
+            _pci_env(tmp_path, RELAY_PCI_PORT="9000", RELAY_PCI_HEALTH_PORT="9000"),
+            insecure_dev=True,
+        )
