@@ -29,6 +29,8 @@ from pci_side.vault.audit import AuditEntry, StoredAuditEntry, chain
 from pci_side.vault.errors import VaultStorageError, VaultUnavailable
 from pci_side.vault.migrations import POSTGRES_MIGRATIONS
 from pci_side.vault.store import (
+    AUDIT_COLUMNS,
+    CARD_COLUMNS,
     CardRow,
     CardSummary,
     FoundCard,
@@ -46,15 +48,8 @@ Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 MIGRATION_LOCK: Final = 0x72656C61795F7631  # "relay_v1": the advisory lock key of migrations
 OPEN_TIMEOUT_SECONDS: Final = 30.0
 
-_CARD_COLUMNS: Final = (
-    "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, fingerprint, "
-    "key_version, wrapped_dek, ciphertext"
-)
-_AUDIT_COLUMNS: Final = (
-    "seq, at, merchant_id, card_ref, request_id, cc_jti, tt_jti, outcome, reason, prev_hash, hash"
-)
 _INSERT_CARD: Final = (
-    f"INSERT INTO cards ({_CARD_COLUMNS}, created_at, updated_at) "  # noqa: S608 - constants
+    f"INSERT INTO cards ({CARD_COLUMNS}, created_at, updated_at) "  # noqa: S608 - constants
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 _INSERT_GRANT: Final = (
@@ -62,7 +57,7 @@ _INSERT_GRANT: Final = (
     "ON CONFLICT DO NOTHING"
 )
 _INSERT_AUDIT: Final = (
-    f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) "  # noqa: S608 - constants
+    f"INSERT INTO audit_log ({AUDIT_COLUMNS}) "  # noqa: S608 - constants
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 _SUMMARY_COLUMNS: Final = (
@@ -164,7 +159,7 @@ class PostgresStore:
         """The row and its grant to merchant_id, in one statement."""
         async with self._connection() as conn:
             cursor = await conn.execute(
-                f"SELECT {_CARD_COLUMNS}, EXISTS (SELECT 1 FROM grants "  # noqa: S608
+                f"SELECT {CARD_COLUMNS}, EXISTS (SELECT 1 FROM grants "  # noqa: S608
                 "WHERE grants.card_ref = cards.card_ref AND grants.merchant_id = %s) "
                 "FROM cards WHERE card_ref = %s",
                 (merchant_id, card_ref),
@@ -262,14 +257,14 @@ class PostgresStore:
     async def audit_after(self, seq: int, limit: int) -> list[StoredAuditEntry]:
         """Entries after seq, ascending."""
         return await self._audit_rows(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > %s ORDER BY seq LIMIT %s",  # noqa: S608
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > %s ORDER BY seq LIMIT %s",  # noqa: S608
             (seq, limit),
         )
 
     async def audit_newest(self, limit: int) -> list[StoredAuditEntry]:
         """The newest entries, newest first."""
         return await self._audit_rows(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT %s",  # noqa: S608
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT %s",  # noqa: S608
             (limit,),
         )
 

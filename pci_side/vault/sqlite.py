@@ -30,6 +30,8 @@ from pci_side.vault.audit import AuditEntry, StoredAuditEntry, chain, format_at
 from pci_side.vault.errors import VaultStorageError, VaultUnavailable
 from pci_side.vault.migrations import SQLITE_MIGRATIONS
 from pci_side.vault.store import (
+    AUDIT_COLUMNS,
+    CARD_COLUMNS,
     CardRow,
     CardSummary,
     FoundCard,
@@ -48,22 +50,15 @@ T = TypeVar("T")
 URL_PREFIX: Final = "sqlite:///"
 BUSY_TIMEOUT_MS: Final = 10_000
 
-_CARD_COLUMNS: Final = (
-    "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, fingerprint, "
-    "key_version, wrapped_dek, ciphertext"
-)
-_AUDIT_COLUMNS: Final = (
-    "seq, at, merchant_id, card_ref, request_id, cc_jti, tt_jti, outcome, reason, prev_hash, hash"
-)
 _INSERT_CARD: Final = (
-    f"INSERT INTO cards ({_CARD_COLUMNS}, created_at, updated_at) "  # noqa: S608 - constants
+    f"INSERT INTO cards ({CARD_COLUMNS}, created_at, updated_at) "  # noqa: S608 - constants
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_GRANT: Final = (
     "INSERT INTO grants (card_ref, merchant_id, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _INSERT_AUDIT: Final = (
-    f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
 )
 _SUMMARY_COLUMNS: Final = (
     "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, key_version, "
@@ -170,12 +165,12 @@ class SQLiteStore:
 
     async def audit_after(self, seq: int, limit: int) -> list[StoredAuditEntry]:
         """Entries after seq, ascending."""
-        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
+        sql = f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?"  # noqa: S608
         return await self._run(_audit_rows, sql, (seq, limit))
 
     async def audit_newest(self, limit: int) -> list[StoredAuditEntry]:
         """The newest entries, newest first."""
-        sql = f"SELECT {_AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        sql = f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT ?"  # noqa: S608
         return await self._run(_audit_rows, sql, (limit,))
 
     async def audit_head(self) -> tuple[int, str]:
@@ -268,7 +263,7 @@ def _card_values(row: CardRow, stamp: str) -> tuple[Any, ...]:
 
 def _find_card(connection: sqlite3.Connection, card_ref: str, merchant_id: str) -> FoundCard | None:
     found = connection.execute(
-        f"SELECT {_CARD_COLUMNS}, EXISTS (SELECT 1 FROM grants "  # noqa: S608 - constants
+        f"SELECT {CARD_COLUMNS}, EXISTS (SELECT 1 FROM grants "  # noqa: S608 - constants
         "WHERE grants.card_ref = cards.card_ref AND grants.merchant_id = ?) "
         "FROM cards WHERE card_ref = ?",
         (merchant_id, card_ref),

@@ -17,6 +17,15 @@ from typing import Final, Protocol
 
 from pci_side.vault.audit import AuditEntry, StoredAuditEntry
 
+# Column orders both backends read rows in: one list, so the two row decoders cannot drift.
+CARD_COLUMNS: Final = (
+    "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, fingerprint, "
+    "key_version, wrapped_dek, ciphertext"
+)
+AUDIT_COLUMNS: Final = (
+    "seq, at, merchant_id, card_ref, request_id, cc_jti, tt_jti, outcome, reason, prev_hash, hash"
+)
+
 __all__ = [
     "CARD_REF_CONFLICT",
     "CREATED",
