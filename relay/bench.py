@@ -121,7 +121,9 @@ async def bench_flex(rounds: int, concurrency: int, pool_size: int) -> int:
     try:
         credentials = FlexCredentials("bench", "bench-key", decode_shared_secret(secret))
         config = FlexConfig(base_url=str(sim.ready.result()["url"]), credentials=credentials)
-        await asyncio.sleep(min(5.0, pool_size * 0.05))  # let the key pool fill
+        await asyncio.sleep(
+            min(60.0, pool_size / 20)
+        )  # keygen runs at ~20-25 keys/s: let the pool fill
         async with new_http_client(config) as http:
             flex = FlexClient(http, config)
             await _run_flex(flex, rounds, concurrency)
