@@ -32,6 +32,7 @@ from relay.errors import (
 from relay.flex.client import FlexClient
 from relay.flex.fields import DEFAULT_FIELDS, FieldSpec, validate_fields
 from relay.flex.models import CaptureContext
+from relay.logging import looks_like_card_number
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -152,5 +153,8 @@ class Gateway:
 def _validate(request: TokenRequest) -> None:
     if not _REQUEST_ID.fullmatch(request.request_id):
         raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
+    if looks_like_card_number(request.request_id) or looks_like_card_number(request.card_ref):
+        # Ids are recorded and echoed in clear: never with a card number in them.
+        raise InvalidRequest("request_id and card_ref must not contain a card number")
     if not _ID.fullmatch(request.card_ref):
         raise InvalidRequest("card_ref is missing or malformed", request_id=request.request_id)

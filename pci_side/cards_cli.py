@@ -34,7 +34,6 @@ from pci_side.cards_import import (
     RejectedRow,
     Row,
     format_for,
-    looks_like_card_number,
     read_lines,
     read_rows,
 )
@@ -53,7 +52,7 @@ from pci_side.vault import (
 from relay.cards import CARD_TYPE_NAMES
 from relay.config import EnvReader, VaultSettings, log_level
 from relay.errors import RelayError
-from relay.logging import configure_logging
+from relay.logging import configure_logging, looks_like_card_number
 from relay.progress import Progress
 
 T = TypeVar("T")

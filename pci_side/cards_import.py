@@ -33,7 +33,7 @@ from typing import BinaryIO, Final, Literal
 from pci_side.vault import is_valid_id
 from relay.cards import CardData, Pan, SecurityCode, expiry_passed, luhn_ok, parse_expiry
 from relay.errors import InvalidCardData
-from relay.logging import scrub_text
+from relay.logging import looks_like_card_number, scrub_text
 
 Format = Literal["csv", "jsonl"]
 
@@ -248,15 +248,6 @@ def _card_ref(value: object, problems: list[str]) -> str | None:
         problems.append("card_ref looks like a card number")
         return None
     return value
-
-
-def looks_like_card_number(text: str) -> bool:
-    """Whether text holds a Luhn-valid run of 13 to 19 digits (the log scrubber's own test).
-
-    A card_ref or merchant id is shown in clear everywhere (merchant side, logs, audit), so an
-    id that is a card number, say from swapped columns, is refused rather than stored.
-    """
-    return scrub_text(text) != text
 
 
 def _card(values: Mapping[str, object], problems: list[str], today: dt.date) -> CardData | None:

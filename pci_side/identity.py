@@ -1,7 +1,7 @@
 """Who is calling: the merchant named by the mTLS client certificate.
 
 The certificate was already verified by the TLS handshake against the configured client CA;
-here we only read the name from it (SAN URI `urn:relay:merchant:<id>`, else the CN). Under
+here we only read the name from it: the SAN URI `urn:relay:merchant:<id>`, never the CN. Under
 --insecure-dev there is no certificate, and the id comes from the `x-relay-merchant-id`
 metadata: acceptable only on a developer's loopback.
 """

@@ -19,6 +19,7 @@ from pci_side.ratelimit import RateLimiter
 from pci_side.vault import AuditEntry, CardVault
 from relay.errors import DeadlineExceeded, InvalidRequest, NotGranted, RelayError
 from relay.flex.client import FlexClient
+from relay.logging import looks_like_card_number
 
 _ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -78,6 +79,10 @@ class Tokenizer:
                 await asyncio.shield(self._audit(attempt, "failure", DeadlineExceeded.reason))
                 _log.info("tokenize_cancelled", ms=_ms(started))
                 raise
+            except Exception:
+                # Anything unexpected is still an attempt the audit chain must record.
+                await self._audit(attempt, "failure", "INTERNAL")
+                raise
             await self._audit(attempt, "success", "")
             _log.info("tokenized", tt_jti=issued.jti, ms=_ms(started))
             return issued
@@ -111,6 +116,9 @@ class _Attempt:
 def _validate(request: TokenizeRequest) -> None:
     if not _REQUEST_ID.fullmatch(request.request_id):
         raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
+    if looks_like_card_number(request.request_id) or looks_like_card_number(request.card_ref):
+        # Ids are stored and echoed in clear (audit, statuses): never with a card number in them.
+        raise InvalidRequest("request_id and card_ref must not contain a card number")
     if not _ID.fullmatch(request.card_ref):
         raise InvalidRequest("card_ref is missing or malformed", request_id=request.request_id)
     if not request.capture_context:

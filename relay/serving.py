@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,8 @@ def new_server() -> grpc.aio.Server:
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """Mutual TLS credentials from the config's files, or None for --insecure-dev."""
     if config.insecure_dev:
+        if not _is_loopback(config.host):
+            raise ConfigError(["--insecure-dev serves plaintext: it binds loopback addresses only"])
         return None
     files = (config.tls_cert_file, config.tls_key_file, config.client_ca_file)
     if None in files:
@@ -146,6 +149,15 @@ async def _start_health_listener(served: Served, host: str, port: int) -> None:
         raise ConfigError([f"cannot listen on {host}:{port} (health)"]) from None
     served.health_server = health_server
     await health_server.start()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read(path: str | None) -> bytes:

@@ -1,8 +1,8 @@
 """Throwaway certificates for the demo and the tests: a CA, server and client certificates.
 
-A client certificate names its merchant twice: as the subject CN and as a SAN URI
-`urn:relay:merchant:<id>`, which is what the PCI side reads first. Keys are EC P-256: fast to
-make, and what a modern internal PKI issues.
+A client certificate names its merchant in a SAN URI `urn:relay:merchant:<id>`, which is the
+only identity the PCI side accepts (the CN repeats it for people reading the certificate).
+Keys are EC P-256: fast to make, and what a modern internal PKI issues.
 """
 
 from __future__ import annotations
@@ -118,18 +118,20 @@ def _issue(
 
 
 def merchant_from_cert(cert_pem: bytes) -> str | None:
-    """The merchant a client certificate names: its SAN URI if present, else its CN."""
+    """The merchant a client certificate names in its SAN URI `urn:relay:merchant:<id>`.
+
+    Only the URI counts, never the CN: a CA that also issues app or server certificates must
+    not turn their common names into merchant identities.
+    """
     cert = x509.load_pem_x509_certificate(cert_pem)
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith(MERCHANT_URI_PREFIX):
-                return uri[len(MERCHANT_URI_PREFIX) :]
     except x509.ExtensionNotFound:
-        pass
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else None
-    return value if isinstance(value, str) else None
+        return None
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(MERCHANT_URI_PREFIX):
+            return uri[len(MERCHANT_URI_PREFIX) :]
+    return None
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:

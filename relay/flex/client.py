@@ -101,7 +101,7 @@ class FlexClient:
     async def verify_capture_context(self, unverified_cc: str) -> CaptureContext:
         """Verify a capture context with the Flex key its kid names; refetch once on rotation."""
         kid = jose.context_kid(unverified_cc)
-        if not _SAFE_KID.match(kid):
+        if not _SAFE_KID.fullmatch(kid):
             raise CaptureContextInvalid("capture context kid has unexpected characters")
         try:
             key = await self.keys.get(kid)

@@ -16,11 +16,11 @@ def test_client_certificate_names_its_merchant() -> None:
     assert "merchant-42" == tlsgen.merchant_from_cert(client.cert_pem)
 
 
-def test_common_name_is_the_fallback() -> None:
-    """A certificate without the merchant URI is read by its CN."""
+def test_common_name_alone_names_no_merchant() -> None:
+    """A certificate without the merchant URI (a server's, say) identifies no merchant."""
     ca = tlsgen.new_ca()
     server = tlsgen.issue_server(ca, ("localhost",))
-    assert "localhost" == tlsgen.merchant_from_cert(server.cert_pem)
+    assert tlsgen.merchant_from_cert(server.cert_pem) is None
 
 
 def test_issued_repr_hides_the_key() -> None:
