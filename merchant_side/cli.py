@@ -26,6 +26,7 @@ from relay.logging import configure_logging
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
 from relay.serving import (
     Served,
+    add_serve_arguments,
     new_server,
     serve_until_signal,
     start_server,
@@ -40,12 +41,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     merchant = commands.add_parser("merchant", help="the merchant side: the MerchantGateway")
     actions = merchant.add_subparsers(dest="action", required=True)
     serve = actions.add_parser("serve", help="serve MerchantGateway until SIGTERM")
-    serve.add_argument("--host", help="overrides RELAY_MERCHANT_HOST")
-    serve.add_argument("--port", type=int, help="overrides RELAY_MERCHANT_PORT (0: a free port)")
-    serve.add_argument(
-        "--insecure-dev",
-        action="store_true",
-        help="plaintext gRPC to callers and to PciRelay: local use only",
+    add_serve_arguments(
+        serve, "RELAY_MERCHANT", "plaintext gRPC to callers and to PciRelay: local use only"
     )
     serve.set_defaults(func=_serve)
 

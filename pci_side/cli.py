@@ -28,6 +28,7 @@ from relay.logging import configure_logging
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
 from relay.serving import (
     Served,
+    add_serve_arguments,
     new_server,
     serve_until_signal,
     start_server,
@@ -42,12 +43,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     pci = commands.add_parser("pci", help="the PCI side: the PciRelay tokenization worker")
     actions = pci.add_subparsers(dest="action", required=True)
     serve = actions.add_parser("serve", help="serve PciRelay until SIGTERM")
-    serve.add_argument("--host", help="overrides RELAY_PCI_HOST")
-    serve.add_argument("--port", type=int, help="overrides RELAY_PCI_PORT (0 picks a free port)")
-    serve.add_argument(
-        "--insecure-dev",
-        action="store_true",
-        help="plaintext gRPC, merchant id from x-relay-merchant-id metadata: local use only",
+    add_serve_arguments(
+        serve,
+        "RELAY_PCI",
+        "plaintext gRPC, merchant id from x-relay-merchant-id metadata: local use only",
     )
     serve.set_defaults(func=_serve)
     seed = actions.add_parser(

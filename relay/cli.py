@@ -16,6 +16,13 @@ from relay.errors import ConfigError, RelayError
 ENTRY_POINT_GROUP = "relay.commands"
 
 
+def port_argument(text: str) -> int:
+    """An argparse type for --port: a whole number from 0 (a free port) to 65535."""
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError("a port is a whole number from 0 to 65535")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every registered command group."""
     parser = argparse.ArgumentParser(prog="relay", description="Flex API v2 three-party relay")

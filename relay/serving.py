@@ -7,6 +7,7 @@ finish within the grace period.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from relay.cli import port_argument
 from relay.config import ServerConfig
 from relay.errors import ConfigError
 
@@ -166,6 +168,15 @@ def _read(path: str | None) -> bytes:
         return Path(path).read_bytes()
     except OSError:
         raise ConfigError([f"cannot read TLS file {Path(path).name}"]) from None
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser, prefix: str, insecure_help: str) -> None:
+    """--host, --port (overriding PREFIX_HOST/_PORT) and the explicit --insecure-dev flag."""
+    serve.add_argument("--host", help=f"overrides {prefix}_HOST")
+    serve.add_argument(
+        "--port", type=port_argument, help=f"overrides {prefix}_PORT (0 picks a free port)"
+    )
+    serve.add_argument("--insecure-dev", action="store_true", help=insecure_help)
 
 
 def with_overrides(config: ServerConfig, host: str | None, port: int | None) -> ServerConfig:

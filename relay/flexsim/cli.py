@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from relay.cli import port_argument
 from relay.errors import ConfigError
 from relay.flex.signing import decode_shared_secret
 from relay.flexsim.app import FlexSimulator
@@ -25,7 +26,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     actions = flexsim.add_subparsers(dest="action", required=True)
     run = actions.add_parser("serve", help="serve the simulator until SIGTERM")
     run.add_argument("--host", default="127.0.0.1")
-    run.add_argument("--port", type=_port, default=8443, help="0 picks a free port")
+    run.add_argument("--port", type=port_argument, default=8443, help="0 picks a free port")
     run.add_argument("--merchant-id", required=True)
     run.add_argument("--key-id", required=True)
     secret = run.add_mutually_exclusive_group(required=True)
@@ -51,12 +52,6 @@ def _check_tls(cert: str, key: str) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
     except (OSError, ssl.SSLError):
         raise ConfigError(["--tls-cert/--tls-key cannot be loaded as a PEM pair"]) from None
-
-
-def _port(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
-        raise argparse.ArgumentTypeError("a port is a whole number from 0 to 65535")
-    return int(text)
 
 
 def _positive(text: str) -> int:
