@@ -196,6 +196,18 @@ def start_flexsim(*extra: str) -> FlexSim:
     return sim
 
 
+def module_flexsim(*flags: str) -> Any:
+    """A module-scoped fixture running a simulator with these flags."""
+
+    @pytest.fixture(scope="module")
+    def fixture() -> Iterator[FlexSim]:
+        sim = start_flexsim(*flags)
+        yield sim
+        sim.finish()
+
+    return fixture
+
+
 @pytest.fixture(scope="session")
 def flexsim() -> Iterator[FlexSim]:
     """One simulator without faults, shared by every test that needs no special flags."""

@@ -53,8 +53,8 @@ from relay.config import MerchantConfig, PciClientConfig
 from relay.pb.v1 import merchant_gateway_pb2_grpc
 from relay.secrets import Secret
 from relay.serving import Served
-from tests.integration.conftest import CONTEXT_TTL, FlexSim
-from tests.integration.pci_rig import MERCHANT, PciRig, RigPKI, module_flexsim, start_pci_rig
+from tests.integration.conftest import CONTEXT_TTL, FlexSim, module_flexsim
+from tests.integration.pci_rig import MERCHANT, PciRig, RigPKI, start_pci_rig
 from tests.vault_backends import postgres_schema
 
 APP = "shop-app"

@@ -59,7 +59,7 @@ from relay.flex.models import CaptureContext
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
 from relay.serving import Served
 from tests.cards_testdata import TEST_CARDS, CardVector, assert_no_test_pans
-from tests.integration.conftest import CONTEXT_TTL, FlexSim, expiry_year, start_flexsim
+from tests.integration.conftest import CONTEXT_TTL, FlexSim, expiry_year, module_flexsim
 from tests.vault_backends import make_vault_config, vault_env
 
 MERCHANT = "m-alpha"
@@ -468,18 +468,6 @@ async def start_pci_rig(  # noqa: PLR0913  the rig's knobs, all keyword-only
         yield PciRig(
             served, config, vault, FlexClient(http, merchant_config), pki, sim, flex_tap, stack
         )
-
-
-def module_flexsim(*flags: str) -> Any:
-    """A module-scoped fixture running a simulator with these flags."""
-
-    @pytest.fixture(scope="module")
-    def fixture() -> Iterator[FlexSim]:
-        sim = start_flexsim(*flags)
-        yield sim
-        sim.finish()
-
-    return fixture
 
 
 pci_flexsim = module_flexsim("--context-ttl", str(CONTEXT_TTL), "--pool-size", "256")

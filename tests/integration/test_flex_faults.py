@@ -7,7 +7,6 @@ are recorded instead of slept, so these tests wait only for the simulator itself
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,24 +20,12 @@ from tests.integration.conftest import (
     Rig,
     assert_no_pan_in_error,
     make_card,
-    start_flexsim,
+    module_flexsim,
 )
 
 VISA = TEST_CARDS[0].digits
 PUBLIC_KEYS_PATH = "/flex/v2/public-keys/"
 TOKENS_PATH = "/flex/v2/tokens"
-
-
-def module_flexsim(*flags: str):
-    """A module-scoped fixture running a simulator with these flags."""
-
-    @pytest.fixture(scope="module")
-    def fixture() -> Iterator[FlexSim]:
-        sim = start_flexsim(*flags)
-        yield sim
-        sim.finish()
-
-    return fixture
 
 
 failing = module_flexsim("--fault-error-rate", "1")
