@@ -442,14 +442,6 @@ class EnvReader:
         """Whether a problem was recorded so far."""
         return bool(self._problems)
 
-    def flag(self, name: str) -> bool:
-        """A boolean: true/false, 1/0, yes/no."""
-        value = (self.get(name) or "false").lower()
-        if value not in {"true", "false", "1", "0", "yes", "no"}:
-            self.problem(f"{name} must be true or false")
-            return False
-        return value in {"true", "1", "yes"}
-
     def get(self, name: str, default: str | None = None) -> str | None:
         """A stripped string, or the default when unset or empty."""
         value = self._env.get(name, "").strip()
