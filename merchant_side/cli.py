@@ -58,13 +58,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def running(config: MerchantConfig) -> AsyncIterator[Served]:
-    """A started MerchantGateway with its ledger, Flex client and PciRelay channel."""
+    """A started MerchantGateway with its ledger, Flex client and PciRelay channel.
+
+    On the way out, work that outlived its caller (answers still owed by PciRelay) is recorded
+    in the ledger before the ledger closes.
+    """
     ledger = await open_ledger(config.ledger_url)
     try:
         async with new_http_client(config.flex) as http, open_channel(config.pci) as channel:
             gateway = Gateway(FlexClient(http, config.flex), ledger, config)
+            draining = asyncio.Event()
             service = MerchantGatewayService(
-                gateway, PciClient(channel, config.pci), bulk_concurrency=config.bulk_concurrency
+                gateway,
+                PciClient(channel, config.pci),
+                bulk_concurrency=config.bulk_concurrency,
+                draining=draining,
             )
             served = await start_server(
                 new_server(),
@@ -74,12 +82,14 @@ async def running(config: MerchantConfig) -> AsyncIterator[Served]:
                     service, s
                 ),
             )
+            served.draining = draining
             purger = asyncio.create_task(_purge_forever(ledger), name="ledger-purge")
             try:
                 yield served
             finally:
                 purger.cancel()
                 await served.close()
+                await gateway.wait_idle()
     finally:
         await ledger.close()
 

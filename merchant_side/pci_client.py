@@ -1,8 +1,14 @@
 """The merchant side's client of PciRelay: mutual TLS, errors rebuilt as RelayErrors.
 
-`PciStream` multiplexes many tokenizations over one TokenizeStream call: `submit` writes a
-request and returns a future resolved by the result with the same request_id. If the call dies,
-every pending future fails with Unavailable and the next submit opens a new call.
+Both ways to PciRelay are a `PciLink`: `PciClient` (one unary call per request) and
+`PciStream`, which multiplexes many requests over one TokenizeStream call, correlated by
+request_id. Each request carries its own timeout, after which PciRelay drops it unsent.
+
+An answer from PciRelay is definite: a token, or an error under which nothing was tokenized. A
+request that was sent but got no answer (the call or the stream died, or the answer took too
+long) fails with OutcomeUnknown: PciRelay may have tokenized it, so the gateway keeps its ledger
+claim and asks again under the same capture context. A dead stream's next request opens a new
+call.
 """
 
 from __future__ import annotations
@@ -10,17 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Protocol
 
 import grpc
 
 from relay import rpc
 from relay.config import PciClientConfig
-from relay.errors import ConfigError, RelayError, Unavailable
+from relay.errors import ConfigError, OutcomeUnknown, RelayError, Unavailable
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
 
 MERCHANT_METADATA_KEY = "x-relay-merchant-id"
+ANSWER_GRACE_SECONDS: Final = 15.0
+"""How long an answer may take past the item's own timeout: PciRelay never stops an item whose
+card is on its way to Flex, and its Flex POST may take its whole HTTP timeout (10 s default)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +60,24 @@ def open_channel(config: PciClientConfig) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(config.target, credentials, options=options)
 
 
+class PciLink(Protocol):
+    """A way to PciRelay for one request at a time: unary calls, or one multiplexed stream."""
+
+    async def tokenize(
+        self, request_id: str, capture_context: str, card_ref: str, *, timeout: float
+    ) -> PciToken:
+        """Send one request; PciRelay drops it unsent once `timeout` seconds have passed.
+
+        Raises the RelayError PciRelay answered with (nothing was tokenized), or OutcomeUnknown
+        when the request was sent and no answer came back.
+        """
+        ...
+
+    def withdraw(self, request_id: str) -> None:
+        """The caller has left: ask PciRelay to drop the request if it has not sent it yet."""
+        ...
+
+
 class PciClient:
     """Tokenize (unary) and a multiplexed TokenizeStream."""
 
@@ -61,22 +89,20 @@ class PciClient:
         )
 
     async def tokenize(
-        self,
-        request_id: str,
-        capture_context: str,
-        card_ref: str,
-        *,
-        timeout: float,
+        self, request_id: str, capture_context: str, card_ref: str, *, timeout: float
     ) -> PciToken:
-        """One tokenization; raises the RelayError PciRelay raised."""
-        request = pci_relay_pb2.PciTokenizeRequest(
-            request_id=request_id, capture_context=capture_context, card_ref=card_ref
-        )
+        """See PciLink.tokenize: one Tokenize call that outlives the item's timeout."""
+        request = _request(request_id, capture_context, card_ref, timeout)
         try:
-            result = await self._stub.Tokenize(request, timeout=timeout, metadata=self._metadata)
+            result = await self._stub.Tokenize(
+                request, timeout=timeout + ANSWER_GRACE_SECONDS, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
-            raise rpc.error_from_rpc(exc) from None
+            raise _answer_or_unknown(exc, request_id) from None
         return _token_of(result)
+
+    def withdraw(self, request_id: str) -> None:
+        """Nothing to do: a unary request is dropped unsent by its own timeout."""
 
     def stream(self) -> PciStream:
         """A multiplexer over TokenizeStream calls (opened lazily)."""
@@ -93,10 +119,15 @@ class PciStream:
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, tuple[object, asyncio.Future[PciToken]]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._lock = asyncio.Lock()
+        self._withdrawals: set[asyncio.Task[None]] = set()
 
-    async def submit(self, request_id: str, capture_context: str, card_ref: str) -> PciToken:
-        """Send one request on the stream and wait for its result."""
+    async def tokenize(
+        self, request_id: str, capture_context: str, card_ref: str, *, timeout: float
+    ) -> PciToken:
+        """See PciLink.tokenize: one item on the stream, and its answer."""
         if request_id in self._pending:
             raise Unavailable(
                 "request_id is already in flight on this stream", request_id=request_id
@@ -105,28 +136,65 @@ class PciStream:
         try:
             async with self._lock:  # one writer at a time; gRPC flow control applies per write
                 call = await self._ensure_call()
-                self._pending[request_id] = (call, future)
-                await call.write(
-                    pci_relay_pb2.PciTokenizeRequest(
-                        request_id=request_id, capture_context=capture_context, card_ref=card_ref
-                    )
-                )
+                self._add(request_id, call, future)
+                await call.write(_request(request_id, capture_context, card_ref, timeout))
         except grpc.aio.AioRpcError as exc:
-            self._pending.pop(request_id, None)
+            self._discard(request_id, future)
             raise rpc.error_from_rpc(exc) from None
         except BaseException:
-            self._pending.pop(request_id, None)
+            self._discard(request_id, future)
             raise
-        return await future
+        return await self._answer(request_id, future, timeout + ANSWER_GRACE_SECONDS)
+
+    def withdraw(self, request_id: str) -> None:
+        """See PciLink.withdraw: a withdrawal on the stream, if the request is still pending."""
+        if request_id in self._pending:
+            task = asyncio.create_task(self._write_withdrawal(request_id), name="pci-withdraw")
+            self._withdrawals.add(task)
+            task.add_done_callback(self._withdrawals.discard)
 
     async def close(self) -> None:
-        """Half-close the call, let pending results arrive, then stop."""
+        """Wait for every pending answer, then half-close the call and let it end."""
+        await self._idle.wait()
         if self._call is not None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self._call.done_writing()
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+    async def _answer(
+        self, request_id: str, future: asyncio.Future[PciToken], within: float
+    ) -> PciToken:
+        try:
+            async with asyncio.timeout(within):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            self._discard(request_id, future)
+            raise OutcomeUnknown(
+                "PciRelay did not answer in time", request_id=request_id
+            ) from None
+
+    async def _write_withdrawal(self, request_id: str) -> None:
+        async with self._lock:
+            call = self._call
+            if call is None or call.done() or request_id not in self._pending:
+                return
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(
+                    pci_relay_pb2.PciTokenizeRequest(request_id=request_id, withdraw=True)
+                )
+
+    def _add(self, request_id: str, call: object, future: asyncio.Future[PciToken]) -> None:
+        self._pending[request_id] = (call, future)
+        self._idle.clear()
+
+    def _discard(self, request_id: str, future: asyncio.Future[PciToken]) -> None:
+        entry = self._pending.get(request_id)
+        if entry is not None and entry[1] is future:
+            del self._pending[request_id]
+        if not self._pending:
+            self._idle.set()
 
     async def _ensure_call(self) -> Any:  # noqa: ANN401  grpc's stream call type
         if self._call is None or self._call.done():
@@ -135,26 +203,50 @@ class PciStream:
         return self._call
 
     async def _read(self, call: Any) -> None:  # noqa: ANN401
-        failure: RelayError = Unavailable("the PciRelay stream ended")
         try:
             async for result in call:
-                _, future = self._pending.pop(result.request_id, (None, None))
+                _, future = self._pending.get(result.request_id, (None, None))
                 if future is None or future.done():
                     continue
+                self._discard(result.request_id, future)
                 if result.WhichOneof("outcome") == "token":
                     future.set_result(_token_of(result))
                 else:
                     future.set_exception(rpc.error_from_pb(result.error))
-        except grpc.aio.AioRpcError as exc:
-            failure = rpc.error_from_rpc(exc)
+                    future.exception()  # seen here: its requester may have left
+        except grpc.aio.AioRpcError:
+            pass  # the call ended: what it still owed is unknown, below
         finally:
             for request_id, (owner, future) in list(self._pending.items()):
                 if owner is call:
-                    del self._pending[request_id]
+                    self._discard(request_id, future)
                     if not future.done():
-                        future.set_exception(failure)
+                        future.set_exception(
+                            OutcomeUnknown(
+                                "the PciRelay stream ended before this answer",
+                                request_id=request_id,
+                            )
+                        )
+                        future.exception()  # seen here: its requester may have left
             if self._call is call:
                 self._call = None
+
+
+def _request(
+    request_id: str, capture_context: str, card_ref: str, timeout: float
+) -> pci_relay_pb2.PciTokenizeRequest:
+    request = pci_relay_pb2.PciTokenizeRequest(
+        request_id=request_id, capture_context=capture_context, card_ref=card_ref
+    )
+    request.timeout.FromTimedelta(dt.timedelta(seconds=max(timeout, 0.0)))
+    return request
+
+
+def _answer_or_unknown(exc: grpc.aio.AioRpcError, request_id: str) -> RelayError:
+    """PciRelay's own answer, or OutcomeUnknown when the call failed without one."""
+    if any(key == rpc.REASON_KEY for key, _ in exc.trailing_metadata() or ()):
+        return rpc.error_from_rpc(exc)
+    return OutcomeUnknown("the PciRelay call failed without an answer", request_id=request_id)
 
 
 def _token_of(result: pci_relay_pb2.PciTokenizeResult) -> PciToken:

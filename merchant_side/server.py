@@ -12,9 +12,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from merchant_side.gateway import Gateway, TokenRequest
 from merchant_side.ledger import TokenRecord
-from merchant_side.pci_client import PciClient, PciStream, PciToken
+from merchant_side.pci_client import PciClient, PciStream
 from relay import rpc
-from relay.errors import DeadlineExceeded, RelayError
+from relay.errors import RelayError, Unavailable
 from relay.flex.fields import FieldSpec
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
 from relay.streams import bounded_map
@@ -26,11 +26,23 @@ _log = structlog.get_logger("merchant_side.server")
 class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
     """CreateSession, RequestToken, RequestTokens and GetToken over one Gateway."""
 
-    def __init__(self, gateway: Gateway, pci: PciClient, *, bulk_concurrency: int) -> None:
-        """Share the gateway and the PciRelay client across calls."""
+    def __init__(
+        self,
+        gateway: Gateway,
+        pci: PciClient,
+        *,
+        bulk_concurrency: int,
+        draining: asyncio.Event | None = None,
+    ) -> None:
+        """Share the gateway and the PciRelay client across calls.
+
+        Once `draining` is set, open RequestTokens streams answer each new item with a retryable
+        UNAVAILABLE instead of starting it; items already started finish.
+        """
         self._gateway = gateway
         self._pci = pci
         self._bulk_concurrency = bulk_concurrency
+        self._draining = draining if draining is not None else asyncio.Event()
 
     @rpc.unary
     async def CreateSession(  # noqa: N802  the generated servicer's method name
@@ -47,12 +59,8 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
         self, request: merchant_gateway_pb2.TokenRequest, context: Context
     ) -> merchant_gateway_pb2.TokenResult:
         """The whole flow for one card; failures are statuses with a relay-reason."""
-
-        async def tokenize(request_id: str, cc: str, card_ref: str, left: float) -> PciToken:
-            return await self._pci.tokenize(request_id, cc, card_ref, timeout=left)
-
         record = await self._gateway.request_token(
-            _domain(request), tokenize, deadline=context.time_remaining()
+            _domain(request), self._pci, deadline=context.time_remaining()
         )
         return _result(record)
 
@@ -66,13 +74,16 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
         async def work(
             request: merchant_gateway_pb2.TokenRequest,
         ) -> merchant_gateway_pb2.TokenResult:
+            if self._draining.is_set():
+                return _error(request, Unavailable("the gateway is draining: send this again"))
             return await self._one_of_many(stream, request)
 
         try:
             async for result in bounded_map(requests, work, concurrency=self._bulk_concurrency):
                 yield result
         finally:
-            await stream.close()
+            # Answers still owed by PciRelay are recorded first; then the stream half-closes.
+            self._gateway.detach(stream.close())
 
     @rpc.unary
     async def GetToken(  # noqa: N802
@@ -84,27 +95,22 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
     async def _one_of_many(
         self, stream: PciStream, request: merchant_gateway_pb2.TokenRequest
     ) -> merchant_gateway_pb2.TokenResult:
-        async def tokenize(request_id: str, cc: str, card_ref: str, left: float) -> PciToken:
-            try:
-                async with asyncio.timeout(left):
-                    return await stream.submit(request_id, cc, card_ref)
-            except TimeoutError:
-                raise DeadlineExceeded("the request's deadline passed") from None
-
         try:
-            record = await self._gateway.request_token(_domain(request), tokenize, deadline=None)
+            record = await self._gateway.request_token(_domain(request), stream, deadline=None)
         except RelayError as exc:
-            return merchant_gateway_pb2.TokenResult(
-                request_id=request.request_id, card_ref=request.card_ref, error=rpc.error_to_pb(exc)
-            )
+            return _error(request, exc)
         except Exception:  # noqa: BLE001  one bad item must not end the stream
             _log.exception("request_crashed", request_id=request.request_id)
-            return merchant_gateway_pb2.TokenResult(
-                request_id=request.request_id,
-                card_ref=request.card_ref,
-                error=rpc.error_to_pb(rpc.internal_error()),
-            )
+            return _error(request, rpc.internal_error())
         return _result(record)
+
+
+def _error(
+    request: merchant_gateway_pb2.TokenRequest, exc: RelayError
+) -> merchant_gateway_pb2.TokenResult:
+    return merchant_gateway_pb2.TokenResult(
+        request_id=request.request_id, card_ref=request.card_ref, error=rpc.error_to_pb(exc)
+    )
 
 
 def _fields(specs: Any) -> tuple[FieldSpec, ...]:  # noqa: ANN401  a repeated pb field

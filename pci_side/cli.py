@@ -99,17 +99,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def running(config: PciConfig) -> AsyncIterator[Served]:
-    """A started PciRelay server with its vault and Flex client; closed on exit."""
+    """A started PciRelay server with its vault and Flex client; closed on exit.
+
+    On the way out, attempts whose card is already on its way to Flex finish (their outcome
+    is audited) before the vault closes.
+    """
     async with await open_vault(config.vault) as vault, new_http_client(config.flex) as http:
         tokenizer = Tokenizer(
             vault,
             FlexClient(http, config.flex),
             RateLimiter(config.rate_per_second, config.rate_burst),
         )
+        draining = asyncio.Event()
         service = PciRelayService(
             tokenizer,
             concurrency=config.stream_concurrency,
             insecure_dev=config.server.insecure_dev,
+            draining=draining,
         )
         served = await start_server(
             new_server(),
@@ -117,7 +123,9 @@ async def running(config: PciConfig) -> AsyncIterator[Served]:
             [SERVICE_NAME],
             register=lambda s: pci_relay_pb2_grpc.add_PciRelayServicer_to_server(service, s),  # type: ignore[no-untyped-call]
         )
+        served.draining = draining
         try:
             yield served
         finally:
             await served.close()
+            await tokenizer.drain()

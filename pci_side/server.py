@@ -2,12 +2,15 @@
 
 TokenizeStream works on at most `concurrency` requests of a stream at once (relay.streams), so
 gRPC flow control pushes back on the merchant side. Results go out as they finish, correlated
-by request_id; a failed item is a result with an Error, and the stream goes on.
+by request_id; a failed item is a result with an Error, and the stream goes on. Each item
+carries its own timeout (after which it is dropped unsent), and the sender may withdraw an
+item that has not been sent yet; an item already sent always finishes and is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,11 +19,11 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pci_side.identity import merchant_from_context
-from pci_side.tokenize import IssuedToken, Tokenizer, TokenizeRequest
+from pci_side.tokenize import IssuedToken, Progress, Tokenizer, TokenizeRequest
 from relay import rpc
-from relay.errors import DeadlineExceeded, RelayError
+from relay.errors import InvalidRequest, RelayError, Withdrawn
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
-from relay.streams import bounded_map
+from relay.streams import bounded_map, take_until
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger("pci_side.server")
@@ -29,11 +32,23 @@ _log = structlog.get_logger("pci_side.server")
 class PciRelayService(pci_relay_pb2_grpc.PciRelayServicer):
     """Tokenize and TokenizeStream over one Tokenizer."""
 
-    def __init__(self, tokenizer: Tokenizer, *, concurrency: int, insecure_dev: bool) -> None:
-        """Bound each stream's work to `concurrency`; insecure_dev reads ids from metadata."""
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        concurrency: int,
+        insecure_dev: bool,
+        draining: asyncio.Event | None = None,
+    ) -> None:
+        """Bound each stream's work to `concurrency`; insecure_dev reads ids from metadata.
+
+        Once `draining` is set, streams read no further item: those in progress finish, and
+        then the stream ends, so the merchant side sends the rest to another replica.
+        """
         self._tokenizer = tokenizer
         self._concurrency = concurrency
         self._insecure_dev = insecure_dev
+        self._draining = draining if draining is not None else asyncio.Event()
 
     @rpc.unary
     async def Tokenize(  # noqa: N802  the generated servicer's method name
@@ -41,10 +56,8 @@ class PciRelayService(pci_relay_pb2_grpc.PciRelayServicer):
     ) -> pci_relay_pb2.PciTokenizeResult:
         """One request, one result; failures are gRPC statuses with a relay-reason."""
         merchant = merchant_from_context(context, insecure_dev=self._insecure_dev)
-        issued = await _within_deadline(
-            self._tokenizer.tokenize(merchant, _domain(request)), context.time_remaining()
-        )
-        return _result(issued)
+        send_by = _send_by(request, context.time_remaining())
+        return _result(await self._tokenizer.tokenize(merchant, _domain(request, send_by)))
 
     @rpc.stream
     async def TokenizeStream(  # noqa: N802  the generated servicer's method name
@@ -52,41 +65,87 @@ class PciRelayService(pci_relay_pb2_grpc.PciRelayServicer):
     ) -> AsyncIterator[pci_relay_pb2.PciTokenizeResult]:
         """Many requests; each result (token or per-item error) streams back as it finishes."""
         merchant = merchant_from_context(context, insecure_dev=self._insecure_dev)
+        items: dict[str, _Item] = {}
 
         async def work(
             request: pci_relay_pb2.PciTokenizeRequest,
         ) -> pci_relay_pb2.PciTokenizeResult:
-            return await self._result_or_error(merchant, request)
+            return await self._one_of_many(merchant, request, items)
 
-        async for result in bounded_map(requests, work, concurrency=self._concurrency):
+        admitted = _withdrawing(take_until(requests, self._draining), items)
+        async for result in bounded_map(admitted, work, concurrency=self._concurrency):
             yield result
 
-    async def _result_or_error(
-        self, merchant: str, request: pci_relay_pb2.PciTokenizeRequest
+    async def _one_of_many(
+        self,
+        merchant: str,
+        request: pci_relay_pb2.PciTokenizeRequest,
+        items: dict[str, _Item],
     ) -> pci_relay_pb2.PciTokenizeResult:
+        if request.request_id in items:
+            duplicate = InvalidRequest(
+                "request_id is already in progress on this stream", request_id=request.request_id
+            )
+            return _error(request.request_id, duplicate)
+        item = _Item(asyncio.current_task(), Progress())
+        items[request.request_id] = item
+        domain = _domain(request, _send_by(request, None))
         try:
-            return _result(await self._tokenizer.tokenize(merchant, _domain(request)))
+            return _result(await self._tokenizer.tokenize(merchant, domain, item.progress))
         except RelayError as exc:
             return _error(request.request_id, exc)
+        except asyncio.CancelledError:
+            if not item.withdrawn or _still_cancelled():
+                raise  # the stream itself ends
+            return _error(request.request_id, Withdrawn("withdrawn before it was sent"))
         except Exception:  # noqa: BLE001  one bad item must not end the stream
             _log.exception("tokenize_crashed", request_id=request.request_id)
             return _error(request.request_id, rpc.internal_error())
+        finally:
+            items.pop(request.request_id, None)
 
 
-async def _within_deadline(call: Any, remaining: float | None) -> IssuedToken:  # noqa: ANN401
-    if remaining is None:
-        result: IssuedToken = await call
-        return result
-    try:
-        async with asyncio.timeout(remaining):
-            result = await call
-    except TimeoutError:
-        raise DeadlineExceeded("the call's deadline passed") from None
-    return result
+@dataclasses.dataclass(slots=True)
+class _Item:
+    """An item in progress on a stream, which its sender may withdraw until it is sent."""
+
+    task: asyncio.Task[Any] | None
+    progress: Progress
+    withdrawn: bool = False
+
+    def withdraw(self) -> None:
+        if self.task is not None and not self.progress.sent and not self.withdrawn:
+            self.withdrawn = True
+            self.task.cancel()
 
 
-def _domain(request: pci_relay_pb2.PciTokenizeRequest) -> TokenizeRequest:
-    return TokenizeRequest(request.request_id, request.capture_context, request.card_ref)
+async def _withdrawing(
+    requests: AsyncIterator[pci_relay_pb2.PciTokenizeRequest], items: dict[str, _Item]
+) -> AsyncIterator[pci_relay_pb2.PciTokenizeRequest]:
+    """The stream's items, with withdrawals acted on here instead of being passed on."""
+    async for request in requests:
+        if not request.withdraw:
+            yield request
+        elif (item := items.get(request.request_id)) is not None:
+            item.withdraw()
+
+
+def _still_cancelled() -> bool:
+    """Take back the withdrawal's cancel; True if another cancel (the stream's end) remains."""
+    task = asyncio.current_task()
+    return task is not None and task.uncancel() > 0
+
+
+def _send_by(request: pci_relay_pb2.PciTokenizeRequest, remaining: float | None) -> float | None:
+    """The event-loop time after which the card must not be sent: item timeout or call deadline."""
+    limits = [remaining] if remaining is not None else []
+    if request.HasField("timeout"):
+        limits.append(request.timeout.ToTimedelta().total_seconds())
+    return asyncio.get_running_loop().time() + min(limits) if limits else None
+
+
+def _domain(request: pci_relay_pb2.PciTokenizeRequest, send_by: float | None) -> TokenizeRequest:
+    return TokenizeRequest(request.request_id, request.capture_context, request.card_ref, send_by)
 
 
 def _result(issued: IssuedToken) -> pci_relay_pb2.PciTokenizeResult:

@@ -14,7 +14,9 @@ RelayError                       INTERNAL             INTERNAL
  +- RateLimited                  RESOURCE_EXHAUSTED   RATE_LIMITED
  +- InvalidRequest               INVALID_ARGUMENT     INVALID_REQUEST (malformed ids or fields)
  +- DeadlineExceeded             DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
+ +- Withdrawn                    CANCELLED            WITHDRAWN (dropped unsent at the caller's word)
  +- Unavailable                  UNAVAILABLE          UNAVAILABLE (a peer relay service; retryable)
+ |   +- OutcomeUnknown           UNAVAILABLE          OUTCOME_UNKNOWN (sent, no answer yet; resend)
  +- FlexError                    INTERNAL             FLEX_ERROR
  |   +- FlexRejected             FAILED_PRECONDITION  FLEX_REJECTED (+ flex_reason, 4xx)
  |   +- FlexAuthFailed           FAILED_PRECONDITION  FLEX_AUTH_FAILED (401 from the gateway)
@@ -159,12 +161,30 @@ class DeadlineExceeded(RelayError):
     retryable = True
 
 
+class Withdrawn(RelayError):
+    """The caller withdrew the item before anything was sent to Flex; nothing was tokenized."""
+
+    status = grpc.StatusCode.CANCELLED
+    reason = "WITHDRAWN"
+    retryable = True
+
+
 class Unavailable(RelayError):
     """A peer relay service could not be reached or is draining; the call may be retried."""
 
     status = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
     retryable = True
+
+
+class OutcomeUnknown(Unavailable):
+    """The request was sent and its answer is not known yet: send the same request_id again.
+
+    The ledger keeps the request's capture context, so the repeat asks after that same attempt
+    and gets its token if there was one: it is never tokenized twice.
+    """
+
+    reason = "OUTCOME_UNKNOWN"
 
 
 class FlexError(RelayError):

@@ -55,3 +55,28 @@ async def bounded_map(
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await feeder
+
+
+async def take_until(items: AsyncIterator[In], stop: asyncio.Event) -> AsyncIterator[In]:
+    """Yield items until stop is set (a drain): the next read is abandoned, not awaited.
+
+    An item already read when stop is set is still yielded, so nothing read goes unanswered.
+    """
+    iterator = aiter(items)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            following = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
+                return
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stopped.cancel()

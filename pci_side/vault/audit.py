@@ -1,4 +1,4 @@
-"""The audit log: one hash-chained record per tokenization attempt, never any card data.
+"""The audit log: hash-chained records of tokenization attempts, never any card data.
 
 Each stored entry is linked to the one before it::
 
@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 GENESIS_HASH: Final = "0" * 64
-OUTCOMES: Final = frozenset({"success", "failure"})
+OUTCOMES: Final = frozenset({"started", "success", "failure", "replayed"})
+"""started: the card is about to go to Flex (written ahead); success and failure end an
+attempt; replayed: a repeat of a finished request got that attempt's token, nothing was sent."""
 MAX_FIELD_LENGTH: Final = 256
 
 
@@ -58,7 +60,7 @@ class AuditEntry:
     cc_jti: str
     tt_jti: str
     outcome: str
-    """"success" or "failure"."""
+    """"started", "success", "failure" or "replayed" (see OUTCOMES)."""
     reason: str
     """"" on success, else a reason code such as CARD_NOT_FOUND, NOT_GRANTED, FLEX_REJECTED."""
 
@@ -87,7 +89,7 @@ class AuditVerdict:
 def check_entry(entry: AuditEntry) -> None:
     """Refuse an entry the chain should not hold (unknown outcome, unbounded fields)."""
     if entry.outcome not in OUTCOMES:
-        raise ValueError("audit outcome must be 'success' or 'failure'")
+        raise ValueError("audit outcome must be one of " + ", ".join(sorted(OUTCOMES)))
     for field in dataclasses.fields(entry):
         value = getattr(entry, field.name)
         if not isinstance(value, str) or len(value) > MAX_FIELD_LENGTH:

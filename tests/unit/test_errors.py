@@ -11,9 +11,10 @@ from relay.errors import CardNotFound, ConfigError, FlexRejected, NotGranted, Re
 S = grpc.StatusCode
 
 # Every class of relay/errors.py: (status, reason, status set in the class itself, retryable).
-# A status is inherited on purpose in four places: TransientTokenInvalid and FlexError are
-# INTERNAL like their base (their subclasses say more), ConfigError never reaches the wire, and
-# NotGranted must answer exactly as CardNotFound does.
+# A status is inherited on purpose in five places: TransientTokenInvalid and FlexError are
+# INTERNAL like their base (their subclasses say more), ConfigError never reaches the wire,
+# NotGranted must answer exactly as CardNotFound does, and OutcomeUnknown is an Unavailable
+# that says more.
 EXPECTED: dict[str, tuple[grpc.StatusCode, str, bool, bool]] = {
     "RelayError": (S.INTERNAL, "INTERNAL", True, False),
     "CaptureContextInvalid": (S.INVALID_ARGUMENT, "CAPTURE_CONTEXT_INVALID", True, False),
@@ -30,7 +31,9 @@ EXPECTED: dict[str, tuple[grpc.StatusCode, str, bool, bool]] = {
     "RateLimited": (S.RESOURCE_EXHAUSTED, "RATE_LIMITED", True, True),
     "InvalidRequest": (S.INVALID_ARGUMENT, "INVALID_REQUEST", True, False),
     "DeadlineExceeded": (S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", True, True),
+    "Withdrawn": (S.CANCELLED, "WITHDRAWN", True, True),
     "Unavailable": (S.UNAVAILABLE, "UNAVAILABLE", True, True),
+    "OutcomeUnknown": (S.UNAVAILABLE, "OUTCOME_UNKNOWN", False, True),
     "FlexError": (S.INTERNAL, "FLEX_ERROR", False, False),
     "FlexRejected": (S.FAILED_PRECONDITION, "FLEX_REJECTED", True, False),
     "FlexAuthFailed": (S.FAILED_PRECONDITION, "FLEX_AUTH_FAILED", True, False),
