@@ -1,6 +1,7 @@
 """Running a grpc.aio server the same way on both sides: TLS, health, reflection, drain.
 
-On SIGTERM or SIGINT the health service turns NOT_SERVING first (so load balancers stop
+On SIGTERM or SIGINT `Served.draining` is set (open streams stop taking new items and answer
+them UNAVAILABLE "draining"), the health service turns NOT_SERVING (so load balancers stop
 sending), then `server.stop(grace)` refuses new calls with UNAVAILABLE while in-flight calls
 finish within the grace period.
 """
@@ -11,10 +12,14 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import ipaddress
+import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -25,15 +30,27 @@ from grpc_reflection.v1alpha import reflection
 from relay.cli import port_argument
 from relay.config import ServerConfig
 from relay.errors import ConfigError
+from relay.tlsfiles import check_ca_bundle, check_key_pair
 
 # A gRPC message carries one capture context and ids; 1 MiB is ample and bounds memory.
 MAX_MESSAGE_BYTES = 1024 * 1024
+
+# grpc sets SO_REUSEPORT by default, so a second server on a port in use starts and silently
+# takes a share of the connections. Ours must fail to bind instead.
+NO_REUSEPORT = ("grpc.so_reuseport", 0)
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "the address is already in use",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+}
 
 
 def new_server() -> grpc.aio.Server:
     """A grpc.aio server with bounded message sizes and keepalive for long streams."""
     return grpc.aio.server(
         options=[
+            NO_REUSEPORT,
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 60_000),
@@ -42,8 +59,15 @@ def new_server() -> grpc.aio.Server:
     )
 
 
-def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """Mutual TLS credentials from the config's files, or None for --insecure-dev."""
+def server_credentials(
+    config: ServerConfig, *, env_prefix: str = "RELAY_*"
+) -> grpc.ServerCredentials | None:
+    """Mutual TLS credentials from the config's files, or None for --insecure-dev.
+
+    The files are parsed and the key matched to the certificate here, because grpc reports a
+    bad file only as a port it cannot listen on. Messages name the variables as
+    `{env_prefix}_TLS_KEY_FILE` and so on, with the file's base name.
+    """
     if config.insecure_dev:
         if not _is_loopback(config.host):
             raise ConfigError(["--insecure-dev serves plaintext: it binds loopback addresses only"])
@@ -52,9 +76,72 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if None in files:
         raise ConfigError(["a TLS certificate, key and client CA are required (mutual TLS)"])
     cert, key, ca = (_read(path) for path in files)
+    cert_name, key_name, ca_name = (
+        f"{env_prefix}_{variable} ({Path(path or '').name})"
+        for variable, path in zip(
+            ("TLS_CERT_FILE", "TLS_KEY_FILE", "CLIENT_CA_FILE"), files, strict=True
+        )
+    )
+    check_key_pair(cert, key, cert_name=cert_name, key_name=key_name)
+    check_ca_bundle(ca, name=ca_name)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=True
     )
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why the OS would refuse a listener on host:port, or None if a plain socket can bind it.
+
+    grpc says only "Failed to bind", so a plain socket is bound the way grpc binds its own
+    (SO_REUSEADDR, no SO_REUSEPORT) to learn the errno. Like grpc, one resolved address that
+    binds is enough.
+    """
+    try:
+        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return "the host name does not resolve"
+    problems = [_probe(family, address) for family, _, _, _, address in resolved]
+    if not problems or None in problems:
+        return None
+    return problems[0]
+
+
+def _probe(family: socket.AddressFamily, address: tuple[Any, ...]) -> str | None:
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return _BIND_REASONS.get(exc.errno or 0) or os.strerror(exc.errno or 0).lower()
+    return None
+
+
+def _listen(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+    what: str,
+) -> int:
+    """Bind server to host:port, or raise ConfigError saying why the OS refused."""
+    address = _address(host, port)
+    # Probing first keeps the common refusals (a port in use) to our one line: grpc's own
+    # failure also writes a C-core error line to stderr.
+    problem = bind_problem(host, port)
+    if problem is None:
+        try:
+            if credentials is None:
+                return server.add_insecure_port(address)
+            return server.add_secure_port(address, credentials)
+        except RuntimeError:
+            # Lost a race for the port, or a refusal the probe cannot see.
+            problem = bind_problem(host, port) or "grpc could not bind it"
+    raise ConfigError([f"cannot listen on {address}{what}: {problem}"])
+
+
+def _address(host: str, port: int) -> str:
+    """host:port as grpc parses it: an IPv6 literal goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Served:
@@ -75,6 +162,8 @@ class Served:
         self.health_server = health_server
         self.health_port = health_port
         self.stopping = asyncio.Event()
+        self.draining = asyncio.Event()
+        """Set when the drain starts: services stop taking new work and answer it "draining"."""
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT start the drain."""
@@ -84,6 +173,7 @@ class Served:
 
     async def drain(self, grace: float) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
+        self.draining.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.close()
@@ -101,8 +191,12 @@ async def start_server(
     service_names: Sequence[str],
     *,
     register: Callable[[grpc.aio.Server], None],
+    env_prefix: str = "RELAY_*",
 ) -> Served:
-    """Register services, health and reflection, bind, start, and report SERVING."""
+    """Register services, health and reflection, bind, start, and report SERVING.
+
+    env_prefix (RELAY_PCI, RELAY_MERCHANT) names the TLS file variables in error messages.
+    """
     register(server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -114,16 +208,8 @@ async def start_server(
         ],
         server,
     )
-    address = f"{config.host}:{config.port}"
-    credentials = server_credentials(config)
-    try:
-        port = (
-            server.add_secure_port(address, credentials)
-            if credentials
-            else server.add_insecure_port(address)
-        )
-    except RuntimeError:
-        raise ConfigError([f"cannot listen on {address}"]) from None
+    credentials = server_credentials(config, env_prefix=env_prefix)
+    port = _listen(server, config.host, config.port, credentials, "")
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -143,12 +229,9 @@ async def _start_health_listener(served: Served, host: str, port: int) -> None:
     The kubelet's gRPC probes cannot do TLS, and the main port is mutual TLS only. This
     listener carries no business service and no reflection: it tells SERVING or NOT_SERVING.
     """
-    health_server = grpc.aio.server()
+    health_server = grpc.aio.server(options=[NO_REUSEPORT])
     health_pb2_grpc.add_HealthServicer_to_server(served.health, health_server)
-    try:
-        served.health_port = health_server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        raise ConfigError([f"cannot listen on {host}:{port} (health)"]) from None
+    served.health_port = _listen(health_server, host, port, None, " (health)")
     served.health_server = health_server
     await health_server.start()
 
@@ -189,9 +272,18 @@ def with_overrides(config: ServerConfig, host: str | None, port: int | None) -> 
 
 
 async def serve_until_signal(
-    running: contextlib.AbstractAsyncContextManager[Served], config: ServerConfig, name: str
+    running: contextlib.AbstractAsyncContextManager[Served],
+    config: ServerConfig,
+    name: str,
+    env_prefix: str | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; logs `<name>_listening` with the port."""
+    """Serve until SIGTERM or SIGINT, then drain; logs `<name>_listening` with the port.
+
+    The TLS files are checked before `running` opens anything (a vault, a ledger), so a bad
+    file is one message naming its variable, `{env_prefix}_TLS_KEY_FILE`; env_prefix defaults
+    to RELAY_ and the upper-cased name, as `relay pci serve` and `relay merchant serve` read.
+    """
+    server_credentials(config, env_prefix=env_prefix or f"RELAY_{name.upper()}")
     log = structlog.get_logger(name)
     event = {
         step: f"{name}_{step}" for step in ("insecure_dev", "listening", "draining", "stopped")

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -42,6 +43,8 @@ from relay.flexsim.tokens import (
 CONTEXT_TYPE = "api-0.1.0"
 TOKEN_TTL = 900
 MAX_BODY_BYTES = 64 * 1024
+
+_log = structlog.get_logger("relay.flexsim")
 
 
 @dataclass(slots=True)
@@ -138,6 +141,15 @@ class FlexSimulator:
         }
         body = jwt.sign_rs256(claims, key, record.kid).encode("ascii")
         self.stats.tokens += 1
+        # Logged before the response is sent (and before any hold fault): a test waits for this
+        # line to know Flex has issued the token while the client has not received it yet.
+        _log.info(
+            "flexsim_token_issued",
+            jti=claims["jti"],
+            kid=record.kid,
+            context_jti=record.jti,
+            merchant_id=record.merchant_id,
+        )
         return Response(body, media_type="application/jwt", headers={"Digest": body_digest(body)})
 
     def error_response(self, exc: ApiError) -> Response:

@@ -42,6 +42,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run.add_argument("--fault-throttle-rate", type=float, default=0.0, help="share answered 429")
     run.add_argument("--fault-drop-rate", type=float, default=0.0, help="share dropped")
     run.add_argument("--fault-paths", default="sessions,tokens,public-keys")
+    run.add_argument(
+        "--fault-hold-after-issue-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="hold each tokens response this long after the token is issued and logged",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=_serve)
 
@@ -112,11 +119,16 @@ def _faults(args: argparse.Namespace) -> Faults:
         for name in ("error", "throttle", "drop")
         if not 0.0 <= getattr(args, f"fault_{name}_rate") <= 1.0
     ]
-    if not 0.0 <= args.fault_latency_ms <= 600_000:
-        problems.append("--fault-latency-ms must be between 0 and 600000")
+    problems += [
+        f"--fault-{name}-ms must be between 0 and 600000"
+        for name in ("latency", "hold-after-issue")
+        if not 0.0 <= getattr(args, f"fault_{name.replace('-', '_')}_ms") <= 600_000
+    ]
     paths = frozenset(p.strip() for p in args.fault_paths.split(",") if p.strip())
     if not paths <= {"sessions", "tokens", "public-keys"}:
         problems.append("--fault-paths takes sessions, tokens and public-keys")
+    if args.fault_hold_after_issue_ms > 0 and "tokens" not in paths:
+        problems.append("--fault-hold-after-issue-ms acts on tokens: keep it in --fault-paths")
     if problems:
         raise ConfigError(problems)
     return Faults(
@@ -124,5 +136,6 @@ def _faults(args: argparse.Namespace) -> Faults:
         error_rate=args.fault_error_rate,
         throttle_rate=args.fault_throttle_rate,
         drop_rate=args.fault_drop_rate,
+        hold_after_issue=args.fault_hold_after_issue_ms / 1000,
         paths=paths,
     )

@@ -1,18 +1,25 @@
-"""Fault injection for reliability tests: latency, 5xx, 429 and dropped connections.
+"""Fault injection for reliability tests: latency, 5xx, 429, dropped and held responses.
 
 Off by default. A pure ASGI middleware, so a drop can happen after the response has started:
 the client then sees a connection closed mid-response, as it would on a real network fault.
+A hold delays a successful tokens response after the token was issued (and logged as
+`flexsim_token_issued`): the window in which a client may crash holding nothing although Flex
+has already issued a token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_log = structlog.get_logger("relay.flexsim")
 
 
 @dataclass(slots=True)
@@ -27,6 +34,9 @@ class Faults:
     """Share of requests answered 429 with Retry-After: 1."""
     drop_rate: float = 0.0
     """Share of requests whose connection is closed after the response started."""
+    hold_after_issue: float = 0.0
+    """Seconds a tokens response that carries an issued token is held before it is sent (ended
+    early if the client disconnects); 0 is off. Other endpoints are never held."""
     paths: frozenset[str] = field(
         default_factory=lambda: frozenset({"sessions", "tokens", "public-keys"})
     )
@@ -74,7 +84,31 @@ class FaultMiddleware:
         if faults.throttle_rate and self._rng() < faults.throttle_rate:
             await _send_fault(send, 429, "TOO_MANY_REQUESTS", "Too many requests", retry_after=True)
             return
+        if endpoint == "tokens" and faults.hold_after_issue > 0:
+            send = _holding(send, receive, faults.hold_after_issue)
         await self._app(scope, receive, send)
+
+
+def _holding(send: Send, receive: Receive, seconds: float) -> Send:
+    """send, except that a 200 response waits first: the app has issued and logged the token."""
+
+    async def held(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 200:
+            client_gone = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_disconnect(receive), seconds)
+                client_gone = True
+            # A crash-window test waits for this line to know the hold is over, and how.
+            _log.info("flexsim_hold_ended", client_gone=client_gone)
+        await send(message)
+
+    return held
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return when the client has gone; the app has read the whole body by now."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _endpoint(scope: Scope) -> str | None:

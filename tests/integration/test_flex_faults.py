@@ -1,12 +1,16 @@
 """The client against simulators injecting faults: 5xx, 429, dropped connections, latency.
 
 Attempts are counted with an httpx request hook on the client's AsyncClient, and backoff sleeps
-are recorded instead of slept, so these tests wait only for the simulator itself.
+are recorded instead of slept, so these tests wait only for the simulator itself. A held tokens
+response is observed through the simulator's log lines, as a crash-window test observes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
+from typing import Any
 
 import httpx
 import pytest
@@ -18,14 +22,18 @@ from tests.integration.conftest import (
     FlexSim,
     MakeRig,
     Rig,
+    StartFlexSim,
     assert_no_pan_in_error,
     make_card,
     module_flexsim,
+    token_claims,
 )
 
 VISA = TEST_CARDS[0].digits
 PUBLIC_KEYS_PATH = "/flex/v2/public-keys/"
 TOKENS_PATH = "/flex/v2/tokens"
+EVENT_TIMEOUT = 20.0
+"""A generous bound on waiting for a simulator log line; it normally comes within milliseconds."""
 
 
 failing = module_flexsim("--fault-error-rate", "1")
@@ -173,3 +181,52 @@ async def test_a_503_then_success_recovers_with_one_backoff(
         ctx = await rig.flex.verify_capture_context(await rig.flex.create_session())
     assert [SESSIONS_PATH, SESSIONS_PATH, PUBLIC_KEYS_PATH + ctx.kid] == seen
     assert [True] == [0 <= slept <= backoff_caps(rig)[0] for slept in rig.sleeps]
+
+
+async def logged(sim: FlexSim, event: str) -> dict[str, Any]:
+    """The simulator's first log line with this event, once it has been written."""
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    while not (found := sim.events(event)):
+        if sim.process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no {event} line; flexsim wrote:\n{sim.output[-4000:]}", pytrace=False)
+        await asyncio.sleep(0.01)
+    return found[0]
+
+
+async def test_hold_after_issue_logs_the_token_while_the_response_is_held(
+    flexsim_factory: StartFlexSim, make_rig: MakeRig
+) -> None:
+    """The token-issued line appears while the POST still waits; the response then brings it."""
+    sim = flexsim_factory("--fault-hold-after-issue-ms", "2000")
+    rig = make_rig(sim)
+    ctx = await rig.flex.verify_capture_context(await rig.flex.create_session())
+    jwe = rig.flex.encrypt_card(ctx, make_card(VISA))
+    posting = asyncio.create_task(rig.flex.post_token(ctx, jwe))
+    issued = await logged(sim, "flexsim_token_issued")
+    still_waiting = not posting.done()
+    token = await posting
+    ended = await logged(sim, "flexsim_hold_ended")
+    assert (True, token_claims(token)["jti"], ctx.one_time_kid, False) == (
+        still_waiting,
+        issued["jti"],
+        issued["kid"],
+        ended["client_gone"],
+    )
+
+
+async def test_hold_after_issue_ends_when_the_client_goes(
+    flexsim_factory: StartFlexSim, make_rig: MakeRig
+) -> None:
+    """A client that disconnects during a long hold ends it: the simulator notices at once."""
+    sim = flexsim_factory("--fault-hold-after-issue-ms", "600000")
+    rig = make_rig(sim)
+    ctx = await rig.flex.verify_capture_context(await rig.flex.create_session())
+    jwe = rig.flex.encrypt_card(ctx, make_card(VISA))
+    posting = asyncio.create_task(rig.flex.post_token(ctx, jwe))
+    await logged(sim, "flexsim_token_issued")
+    posting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await posting
+    await rig.http.aclose()
+    ended = await logged(sim, "flexsim_hold_ended")
+    assert (True, 1) == (ended["client_gone"], len(sim.events("flexsim_token_issued")))

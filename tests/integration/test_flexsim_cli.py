@@ -73,6 +73,8 @@ CONFIG_ERRORS = {
     "negative_error_rate": ("--fault-error-rate", "-0.5"),
     "throttle_rate_over_1": ("--fault-throttle-rate", "1.5"),
     "unknown_fault_path": ("--fault-paths", "sessions,payments"),
+    "negative_hold": ("--fault-hold-after-issue-ms", "-1"),
+    "hold_without_tokens_path": ("--fault-hold-after-issue-ms", "100", "--fault-paths", "sessions"),
     "tls_cert_without_key": ("--tls-cert", "cert.pem"),
     "tls_files_missing": (
         "--tls-cert",
