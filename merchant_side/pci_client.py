@@ -26,6 +26,7 @@ from relay import rpc
 from relay.config import PciClientConfig
 from relay.errors import ConfigError, OutcomeUnknown, RelayError, Unavailable
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
+from relay.tlsfiles import check_ca_bundle, check_key_pair
 
 MERCHANT_METADATA_KEY = "x-relay-merchant-id"
 ANSWER_GRACE_SECONDS: Final = 15.0
@@ -52,6 +53,13 @@ def open_channel(config: PciClientConfig) -> grpc.aio.Channel:
     if None in files:
         raise ConfigError(["the PciRelay client needs a CA, a client key and a certificate"])
     ca, key, cert = (_read(path) for path in files)
+    check_ca_bundle(ca, name=f"RELAY_MERCHANT_PCI_CA_FILE ({_name(config.ca_file)})")
+    check_key_pair(
+        cert,
+        key,
+        cert_name=f"RELAY_MERCHANT_PCI_TLS_CERT_FILE ({_name(config.tls_cert_file)})",
+        key_name=f"RELAY_MERCHANT_PCI_TLS_KEY_FILE ({_name(config.tls_key_file)})",
+    )
     if config.server_name:
         options.append(("grpc.ssl_target_name_override", config.server_name))
     credentials = grpc.ssl_channel_credentials(
@@ -171,9 +179,7 @@ class PciStream:
                 return await asyncio.shield(future)
         except TimeoutError:
             self._discard(request_id, future)
-            raise OutcomeUnknown(
-                "PciRelay did not answer in time", request_id=request_id
-            ) from None
+            raise OutcomeUnknown("PciRelay did not answer in time", request_id=request_id) from None
 
     async def _write_withdrawal(self, request_id: str) -> None:
         async with self._lock:
@@ -262,3 +268,7 @@ def _read(path: str | None) -> bytes:
         return Path(path).read_bytes()
     except OSError:
         raise ConfigError([f"cannot read TLS file {Path(path).name}"]) from None
+
+
+def _name(path: str | None) -> str:
+    return Path(path).name if path else ""

@@ -19,6 +19,7 @@ from relay.flex.signing import decode_shared_secret
 from relay.secrets import Secret
 
 DEFAULT_FLEX_URL = "https://apitest.cybersource.com"
+DEFAULT_LEDGER_URL = "sqlite:///relay-ledger.db"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -166,13 +167,16 @@ class MerchantConfig:
     flex: FlexConfig
     pci: PciClientConfig
     ledger_url: Secret[str]
-    """`memory` (one replica) or a `postgresql://` DSN (replicas share idempotency)."""
+    """Where the idempotency ledger records tokens by request_id, so a retry never tokenizes
+    twice. `sqlite:///relay-ledger.db` (the default: a file in the working directory; four
+    slashes for an absolute path) for one replica, which alone may open it; a `postgresql://`
+    DSN for replicas that share idempotency; `memory`, forgotten on restart, only under
+    --insecure-dev."""
     bulk_concurrency: int = 32
     """Requests of one RequestTokens stream worked on at once."""
     default_deadline: float = 30.0
-    """Seconds a request may take when the caller set no deadline."""
-    max_attempts: int = 3
-    """Fresh sessions tried per request when a context expires or PciRelay is unavailable."""
+    """Seconds a request may take when the caller set no deadline; recovery (a fresh session,
+    PciRelay unavailable or restarting) retries with backoff for as long as this allows."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -200,21 +204,36 @@ class MerchantSettings:
             pci=pci_client_config(reader, insecure_dev=insecure_dev),
             ledger_url=Secret(
                 reader.secret_text("RELAY_MERCHANT_LEDGER_URL")
-                or reader.get("RELAY_MERCHANT_LEDGER_URL", "memory")
-                or "memory"
+                or reader.get("RELAY_MERCHANT_LEDGER_URL", DEFAULT_LEDGER_URL)
+                or DEFAULT_LEDGER_URL
             ),
             bulk_concurrency=reader.integer("RELAY_MERCHANT_BULK_CONCURRENCY", 32),
             default_deadline=reader.number("RELAY_MERCHANT_DEFAULT_DEADLINE_SECONDS", 30.0),
-            max_attempts=reader.integer("RELAY_MERCHANT_MAX_ATTEMPTS", 3),
         )
-        url = merchant.ledger_url.get_secret_value()
-        if url != "memory" and not url.startswith(("postgresql://", "postgres://")):
-            reader.problem("RELAY_MERCHANT_LEDGER_URL must be memory or a postgresql:// DSN")
-        elif reader.get("RELAY_MERCHANT_LEDGER_URL") and _has_password(url):
-            reader.problem("RELAY_MERCHANT_LEDGER_URL carries a password: use its _FILE form")
+        check_ledger_url(reader, merchant.ledger_url.get_secret_value(), insecure_dev=insecure_dev)
         settings = cls(merchant, log_level(reader))
         reader.raise_problems()
         return settings
+
+
+def check_ledger_url(reader: EnvReader, url: str, *, insecure_dev: bool) -> None:
+    """RELAY_MERCHANT_LEDGER_URL: durable (SQLite, PostgreSQL), or memory for local dev only."""
+    if url == "memory":
+        if not insecure_dev:
+            reader.problem(
+                "RELAY_MERCHANT_LEDGER_URL=memory forgets every token on restart: use "
+                "sqlite:///PATH or a postgresql:// DSN (memory is for --insecure-dev only)"
+            )
+    elif url.startswith("sqlite:///"):
+        if url in {"sqlite:///", "sqlite:///:memory:"}:
+            reader.problem("RELAY_MERCHANT_LEDGER_URL must name a file: sqlite:///PATH")
+    elif not url.startswith(("postgresql://", "postgres://")):
+        reader.problem(
+            "RELAY_MERCHANT_LEDGER_URL must be sqlite:///PATH (sqlite:////ABSOLUTE/PATH), "
+            "a postgresql:// DSN, or memory under --insecure-dev"
+        )
+    elif reader.get("RELAY_MERCHANT_LEDGER_URL") and _has_password(url):
+        reader.problem("RELAY_MERCHANT_LEDGER_URL carries a password: use its _FILE form")
 
 
 def pci_client_config(reader: EnvReader, *, insecure_dev: bool) -> PciClientConfig:

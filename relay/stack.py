@@ -157,6 +157,8 @@ def _env(files: dict[str, str], flex_url: str) -> dict[str, str]:
         RELAY_MERCHANT_PCI_TLS_KEY_FILE=files["merchant_key"],
         RELAY_MERCHANT_PCI_CA_FILE=files["ca"],
         RELAY_MERCHANT_PCI_SERVER_NAME="localhost",
+        # The gateway's ledger is durable, as deployed: a SQLite file beside the vault.
+        RELAY_MERCHANT_LEDGER_URL=f"sqlite:///{files['dir']}/ledger.db",
     )
     return env
 

@@ -1,9 +1,11 @@
-"""The in-memory ledger: one process, one event loop (the default for a single replica).
+"""The in-memory ledger: one process, one event loop, forgotten on restart (--insecure-dev only).
 
 Every state change of a request_id replaces its entry and sets the old entry's event, so a
 waiter sleeps on exactly the entry it saw and wakes on the change, or when that entry's lease
-lapses, or at its deadline: no polling. Nothing awaits between looking at an entry and
-replacing it, so on one event loop a claim is atomic without a lock.
+lapses, or at its deadline: no polling. renew and note_attempt change a pending entry in place:
+a waiter needs no wake-up for them, its lapse timer finds the renewed lease and sleeps again.
+Nothing awaits between looking at an entry and changing it, so on one event loop a claim is
+atomic without a lock. Every entry is this ledger's own, so a pending entry is a held lease.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class _Entry:
     card_ref: str
     lease_until: float
     record: TokenRecord | None = None
+    attempt: str | None = dataclasses.field(default=None, repr=False)
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def free_at(self, now: float) -> bool:
@@ -72,9 +75,10 @@ class MemoryLedger:
             entry = self._entries.get(request_id)
             if entry is None or entry.free_at(now):
                 self._replace(request_id, _Entry(card_ref, now + lease_seconds))
-                if entry is not None and entry.record is None:
-                    _log.warning("ledger_lease_lapsed", request_id=request_id)
-                return Claim(None)
+                if entry is None or entry.record is not None:
+                    return Claim(None)
+                _log.warning("ledger_lease_lapsed", request_id=request_id)
+                return Claim(None, entry.attempt)
             if entry.card_ref != card_ref:
                 raise used_for_another_card(request_id)
             if entry.record is not None:
@@ -92,9 +96,22 @@ class MemoryLedger:
 
     async def abandon(self, request_id: str) -> None:
         """See Ledger.abandon."""
-        entry = self._entries.get(request_id)
-        if entry is not None and entry.record is None:
+        if self._pending(request_id) is not None:
             self._replace(request_id, None)
+
+    async def renew(self, request_id: str, lease_seconds: float) -> bool:
+        """See Ledger.renew."""
+        entry = self._pending(request_id)
+        if entry is not None:
+            entry.lease_until = self._clock() + lease_seconds
+        return entry is not None
+
+    async def note_attempt(self, request_id: str, capture_context: str) -> bool:
+        """See Ledger.note_attempt."""
+        entry = self._pending(request_id)
+        if entry is not None:
+            entry.attempt = capture_context
+        return entry is not None
 
     async def get(self, request_id: str) -> TokenRecord | None:
         """See Ledger.get."""
@@ -115,6 +132,10 @@ class MemoryLedger:
     def __len__(self) -> int:
         """Entries held, live or not yet purged."""
         return len(self._entries)
+
+    def _pending(self, request_id: str) -> _Entry | None:
+        entry = self._entries.get(request_id)
+        return entry if entry is not None and entry.record is None else None
 
     def _replace(self, request_id: str, entry: _Entry | None) -> None:
         old = self._entries.pop(request_id, None)

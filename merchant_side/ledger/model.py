@@ -3,15 +3,34 @@
 The ledger makes RequestToken idempotent. A request_id is *claimed* before any work: the first
 caller gets a lease and tokenizes, later callers with the same request_id wait for its result
 instead of tokenizing again, and the result is replayed while its transient token (TT) lives.
-Both backends (memory.py, postgres.py) share these types and the rules written here, so the
-gateway cannot tell them apart.
+Every backend (memory.py, sqlite.py, postgres.py) shares these types and the rules written
+here, so the gateway cannot tell them apart.
 
-State of one request_id, on either backend::
+Leases are short and renewed while the work runs, so a holder that died is replaced within
+seconds. Before it sends a capture context (CC) to the PCI side, the holder notes that CC on its
+lease; a caller that takes over the lapsed lease is handed that CC (Claim.previous_attempt) and
+can ask the PCI side what became of that very attempt instead of tokenizing again.
 
-    (absent) --claim--> pending (lease_until) --complete--> done (record, expires_at)
-                           |   +--abandon / purge--> (absent)
-                           +--lease lapses--> free: the next claim takes it over
-    done --expires_at passes--> free: the next claim takes it over, purge deletes it
+State of one request_id, on every backend::
+
+    (absent) --claim--> pending: owner, lease_until, attempt
+                           |  renew (owner): lease_until = now + lease_seconds
+                           |  note_attempt (owner): attempt = the CC about to be sent
+                           +--complete--> done: record, expires_at
+                           +--abandon (owner) / purge--> (absent)
+                           +--lease lapses--> free: the next claim takes it over under its own
+                                 owner and clears attempt; that claim's previous_attempt is the
+                                 attempt the lapsed holder noted
+    done --expires_at passes--> free: the next claim takes it over (previous_attempt None),
+                                 purge deletes it
+
+The owner is the ledger object that claimed (one per process for memory and SQLite, one per
+replica for PostgreSQL): renew, note_attempt and abandon act only on a pending entry this ledger
+holds. A lapsed lease that nobody has taken over yet is still held: its owner may renew it or
+note an attempt on it, and whoever takes it over later sees that attempt. Ownership is per
+ledger, not per caller: if a caller's lease lapses and another caller of the same ledger takes
+it over, the first one's renew and note_attempt still succeed. So a caller renews well within
+its lease; a lapse is for a holder that died, not for one that was slow.
 """
 
 from __future__ import annotations
@@ -64,10 +83,17 @@ class Claim:
     """The answer to Ledger.claim.
 
     record set: the request was done already, return this record. record None: the caller now
-    holds the lease and must call complete() or abandon().
+    holds the lease, must keep it with renew() while it works, note_attempt() before it sends a
+    capture context, and end it with complete() or abandon().
     """
 
     record: TokenRecord | None
+    previous_attempt: str | None = dataclasses.field(default=None, repr=False)
+    """When this claim took over a lapsed lease whose holder had noted an attempt: the capture
+    context (compact JWT) that holder was about to send, so the new holder can ask the PCI side
+    about that attempt before it starts another. None for a new request_id, for the takeover of
+    an expired record, and for a lapsed lease that noted no attempt. Not a secret, but kept out
+    of the repr with everything else that is not an id."""
 
 
 class Ledger(Protocol):
@@ -84,11 +110,34 @@ class Ledger(Protocol):
         ...
 
     async def complete(self, record: TokenRecord) -> None:
-        """Store the record and end the lease. A live record already stored is kept."""
+        """Store the record and end the lease, also one this ledger lost to a takeover.
+
+        A token that was issued is worth recording whoever holds the lease now. A live record
+        already stored is kept (it is what duplicates were given), and so is a live lease for
+        another card_ref.
+        """
         ...
 
     async def abandon(self, request_id: str) -> None:
         """End this ledger's lease on request_id without a record, so a retry may try again."""
+        ...
+
+    async def renew(self, request_id: str, lease_seconds: float) -> bool:
+        """Extend this ledger's lease on request_id to now + lease_seconds.
+
+        False when this ledger no longer holds it (taken over, completed, abandoned or purged):
+        the caller has lost the request and must stop working on it. A lease that lapsed but
+        that nobody took over yet is still this ledger's, and renews.
+        """
+        ...
+
+    async def note_attempt(self, request_id: str, capture_context: str) -> bool:
+        """Record on this ledger's lease the capture context about to be sent to the PCI side.
+
+        It replaces any attempt noted before. False, recording nothing, when this ledger no
+        longer holds the lease (as for renew): the caller must then not send it. Noted before
+        the send, it is what a caller that takes over the lease gets as Claim.previous_attempt.
+        """
         ...
 
     async def get(self, request_id: str) -> TokenRecord | None:

@@ -2,10 +2,16 @@
 
 Atomicity comes from single statements, not from locks held across a round trip:
 
-- claim is one statement: `INSERT ... ON CONFLICT DO NOTHING` takes a new id, a conditional
-  `UPDATE ... WHERE` (lease lapsed, or record expired) takes over a free one, and a SELECT reads
-  the row as it was. Two replicas racing on one row serialize on its row lock; the loser's UPDATE
-  re-checks its WHERE against the winner's row and matches nothing, so only one owns it.
+- claim is one statement: `INSERT ... ON CONFLICT DO NOTHING` takes a new id, a
+  `SELECT ... FOR UPDATE` of the row if it is free (lease lapsed, or record expired) locks it for
+  an `UPDATE` that takes it over, and a SELECT reads the row as it was. Two replicas racing on
+  one row serialize on its row lock; the loser's locking read re-checks its WHERE against the
+  winner's row and matches nothing, so only one owns it.
+- The takeover returns the attempt the lapsed holder noted from its locking read, not from the
+  statement's snapshot: a note_attempt that commits while the takeover waits for the row lock
+  is then what the new holder is told about, never an older attempt.
+- renew and note_attempt are single UPDATEs of a pending row that this replica owns; the row
+  count says whether it still held the lease.
 - complete and abandon write and `pg_notify` in one statement, so waiters everywhere hear of the
   change when it commits (listener.py); a timer re-check covers lapsed leases and lost notices.
 - abandon only ends a lease this ledger (this replica) holds, so a replica whose lease lapsed
@@ -79,6 +85,17 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "CREATE INDEX token_ledger_lease ON token_ledger (lease_until) WHERE state = 'pending'",
         ),
     ),
+    (
+        2,
+        (
+            # The capture context a lease holder is about to send (model.py), only while pending.
+            "ALTER TABLE token_ledger ADD COLUMN attempt_cc TEXT",
+            (
+                "ALTER TABLE token_ledger ADD CONSTRAINT token_ledger_attempt_pending "
+                "CHECK (state = 'pending' OR attempt_cc IS NULL)"
+            ),
+        ),
+    ),
 )
 
 _RECORD_COLUMNS: Final = "transient_token, jti, expires_at, masked_pan, bin, card_type"
@@ -86,21 +103,28 @@ _FREE: Final = (
     "((state = 'pending' AND lease_until <= %(now)s) OR (state = 'done' AND expires_at <= %(now)s))"
 )
 # The main SELECT sees the row as it was before this statement (data-modifying CTEs are not
-# visible to it): `owned` says whether we took it, the rest what we found.
+# visible to it): `owned` says whether we took it, the rest what we found. `locked` reads the
+# row as it is once its lock is ours (READ COMMITTED re-reads a row a concurrent writer changed),
+# so the state and attempt `taken` returns are those we replaced, not the snapshot's.
 _CLAIM: Final = f"""
 WITH inserted AS (
     INSERT INTO token_ledger (request_id, card_ref, state, lease_owner, lease_until)
     VALUES (%(request_id)s, %(card_ref)s, 'pending', %(owner)s, %(lease_until)s)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING 1
+), locked AS (
+    SELECT request_id, state, attempt_cc FROM token_ledger
+    WHERE request_id = %(request_id)s AND {_FREE}
+    FOR UPDATE
 ), taken AS (
     UPDATE token_ledger SET card_ref = %(card_ref)s, state = 'pending', lease_owner = %(owner)s,
-        lease_until = %(lease_until)s, transient_token = NULL, jti = NULL, expires_at = NULL,
-        masked_pan = NULL, bin = NULL, card_type = NULL
-    WHERE request_id = %(request_id)s AND {_FREE}
-    RETURNING 1
+        lease_until = %(lease_until)s, attempt_cc = NULL, transient_token = NULL, jti = NULL,
+        expires_at = NULL, masked_pan = NULL, bin = NULL, card_type = NULL
+    FROM locked WHERE token_ledger.request_id = locked.request_id
+    RETURNING locked.state, locked.attempt_cc
 )
 SELECT EXISTS (SELECT 1 FROM inserted) OR EXISTS (SELECT 1 FROM taken),
+    (SELECT state FROM taken), (SELECT attempt_cc FROM taken),
     found.state, found.card_ref, found.lease_until, {_RECORD_COLUMNS}
 FROM (SELECT 1) AS one LEFT JOIN token_ledger AS found ON found.request_id = %(request_id)s
 """  # noqa: S608 - only constants are interpolated
@@ -111,9 +135,10 @@ WITH stored AS (
     VALUES (%(request_id)s, %(card_ref)s, 'done', %(transient_token)s, %(jti)s,
         %(expires_at)s, %(masked_pan)s, %(bin)s, %(card_type)s)
     ON CONFLICT (request_id) DO UPDATE SET card_ref = EXCLUDED.card_ref, state = 'done',
-        lease_owner = NULL, lease_until = NULL, transient_token = EXCLUDED.transient_token,
-        jti = EXCLUDED.jti, expires_at = EXCLUDED.expires_at, masked_pan = EXCLUDED.masked_pan,
-        bin = EXCLUDED.bin, card_type = EXCLUDED.card_type
+        lease_owner = NULL, lease_until = NULL, attempt_cc = NULL,
+        transient_token = EXCLUDED.transient_token, jti = EXCLUDED.jti,
+        expires_at = EXCLUDED.expires_at, masked_pan = EXCLUDED.masked_pan, bin = EXCLUDED.bin,
+        card_type = EXCLUDED.card_type
     WHERE (token_ledger.state = 'pending' AND (token_ledger.card_ref = EXCLUDED.card_ref
             OR token_ledger.lease_until <= %(now)s))
         OR (token_ledger.state = 'done' AND token_ledger.expires_at <= %(now)s)
@@ -121,11 +146,11 @@ WITH stored AS (
 )
 SELECT pg_notify('{CHANNEL}', request_id) FROM stored
 """  # noqa: S608 - only constants are interpolated
+# A lease this replica holds (lapsed or not) that nobody has taken over.
+_HELD: Final = "request_id = %(request_id)s AND state = 'pending' AND lease_owner = %(owner)s"
 _ABANDON: Final = f"""
 WITH gone AS (
-    DELETE FROM token_ledger
-    WHERE request_id = %(request_id)s AND state = 'pending' AND lease_owner = %(owner)s
-    RETURNING request_id
+    DELETE FROM token_ledger WHERE {_HELD} RETURNING request_id
 )
 SELECT pg_notify('{CHANNEL}', request_id) FROM gone
 """  # noqa: S608 - only constants are interpolated
@@ -133,6 +158,8 @@ _GET: Final = (
     f"SELECT card_ref, {_RECORD_COLUMNS} FROM token_ledger "  # noqa: S608 - constants
     "WHERE request_id = %(request_id)s AND state = 'done' AND expires_at > %(now)s"
 )
+_RENEW: Final = f"UPDATE token_ledger SET lease_until = %(lease_until)s WHERE {_HELD}"  # noqa: S608
+_NOTE_ATTEMPT: Final = f"UPDATE token_ledger SET attempt_cc = %(attempt)s WHERE {_HELD}"  # noqa: S608
 # Waiters on a lapsed lease wake on their own timer, so a purge needs no NOTIFY.
 _PURGE: Final = f"DELETE FROM token_ledger WHERE {_FREE}"  # noqa: S608 - constants
 
@@ -197,13 +224,13 @@ class PostgresLedger:
             while True:
                 changed.clear()
                 now = self._clock()
-                owned, state, found_ref, lease_until, *record = await self._fetch_one(
-                    _CLAIM, self._claim_params(request_id, card_ref, now + lease_seconds, now)
-                )
+                params = self._claim_params(request_id, card_ref, now + lease_seconds, now)
+                row = await self._fetch_one(_CLAIM, params)
+                owned, replaced, attempt, state, found_ref, lease_until, *record = row
                 if owned:
-                    if state == "pending":
+                    if replaced == "pending":
                         _log.warning("ledger_lease_lapsed", request_id=request_id)
-                    return Claim(None)
+                    return Claim(None, attempt)
                 if state is None or _free(state, lease_until, record[2], now):
                     # A writer changed the row after this statement's snapshot and has committed
                     # (we waited on its lock), so one re-read sees it; any further are paced.
@@ -242,6 +269,15 @@ class PostgresLedger:
         async with _translated(), self._pool.connection() as conn:
             await conn.execute(_ABANDON, params)
 
+    async def renew(self, request_id: str, lease_seconds: float) -> bool:
+        """See Ledger.renew."""
+        lease_until = self._clock() + lease_seconds
+        return await self._held_update(_RENEW, request_id, lease_until=lease_until)
+
+    async def note_attempt(self, request_id: str, capture_context: str) -> bool:
+        """See Ledger.note_attempt."""
+        return await self._held_update(_NOTE_ATTEMPT, request_id, attempt=capture_context)
+
     async def get(self, request_id: str) -> TokenRecord | None:
         """See Ledger.get."""
         params = {"request_id": request_id, "now": self._clock()}
@@ -271,6 +307,12 @@ class PostgresLedger:
             "lease_until": lease_until,
             "now": now,
         }
+
+    async def _held_update(self, sql: str, request_id: str, **values: object) -> bool:
+        params = {"request_id": request_id, "owner": self._owner, **values}
+        async with _translated(), self._pool.connection() as conn:
+            cursor = await conn.execute(sql, params)
+            return cursor.rowcount == 1
 
     async def _fetch_one(self, sql: str, params: dict[str, object]) -> tuple[Any, ...]:
         async with _translated(), self._pool.connection() as conn:

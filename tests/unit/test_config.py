@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import FlexConfig, FlexCredentials, PciSettings, Settings, origin_of
+from relay.config import (
+    FlexConfig,
+    FlexCredentials,
+    MerchantSettings,
+    PciSettings,
+    Settings,
+    origin_of,
+)
 from relay.errors import ConfigError
 from relay.secrets import Secret
 
@@ -252,3 +259,70 @@ def test_health_port_is_optional_and_must_differ_from_the_main_port(tmp_path):
             _pci_env(tmp_path, RELAY_PCI_PORT="9000", RELAY_PCI_HEALTH_PORT="9000"),
             insecure_dev=True,
         )
+
+
+def _merchant_env(tmp_path: Path, secret_file: Path, **extra: str) -> dict[str, str]:
+    """A complete merchant-side env with mutual TLS (placeholder PEM files), plus extra."""
+    pem = tmp_path / "placeholder.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n", encoding="ascii")
+    names = [
+        "RELAY_MERCHANT_TLS_CERT_FILE",
+        "RELAY_MERCHANT_TLS_KEY_FILE",
+        "RELAY_MERCHANT_CLIENT_CA_FILE",
+        "RELAY_MERCHANT_PCI_TLS_CERT_FILE",
+        "RELAY_MERCHANT_PCI_TLS_KEY_FILE",
+        "RELAY_MERCHANT_PCI_CA_FILE",
+    ]
+    return {**credentials_env(secret_file), **dict.fromkeys(names, str(pem)), **extra}
+
+
+def test_the_ledger_is_a_sqlite_file_by_default(tmp_path: Path, secret_file: Path):
+    """Unset, RELAY_MERCHANT_LEDGER_URL is a durable SQLite file in the working directory."""
+    settings = MerchantSettings.from_env(_merchant_env(tmp_path, secret_file))
+    assert "sqlite:///relay-ledger.db" == settings.merchant.ledger_url.get_secret_value()
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:///ledger.db", "sqlite:////var/lib/relay-ledger/ledger.db", "postgresql://db/l"]
+)
+def test_durable_ledger_urls_are_accepted(tmp_path: Path, secret_file: Path, url: str):
+    """SQLite files, relative or absolute, and PostgreSQL DSNs name a ledger."""
+    env = _merchant_env(tmp_path, secret_file, RELAY_MERCHANT_LEDGER_URL=url)
+    assert url == MerchantSettings.from_env(env).merchant.ledger_url.get_secret_value()
+
+
+def test_a_memory_ledger_is_refused_outside_insecure_dev(tmp_path: Path, secret_file: Path):
+    """memory forgets every token on restart: only --insecure-dev may choose it."""
+    env = _merchant_env(tmp_path, secret_file, RELAY_MERCHANT_LEDGER_URL="memory")
+    with pytest.raises(ConfigError) as info:
+        MerchantSettings.from_env(env)
+    expected = (
+        "RELAY_MERCHANT_LEDGER_URL=memory forgets every token on restart: use sqlite:///PATH or "
+        "a postgresql:// DSN (memory is for --insecure-dev only)"
+    )
+    assert [expected] == info.value.problems
+    settings = MerchantSettings.from_env(env, insecure_dev=True)
+    assert "memory" == settings.merchant.ledger_url.get_secret_value()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://cache/0", "must be sqlite:///PATH (sqlite:////ABSOLUTE/PATH), a postgresql://"),
+        (
+            "sqlite://ledger.db",
+            "must be sqlite:///PATH (sqlite:////ABSOLUTE/PATH), a postgresql://",
+        ),
+        ("sqlite:///:memory:", "must name a file: sqlite:///PATH"),
+    ],
+)
+def test_other_ledger_urls_list_the_accepted_forms(
+    tmp_path: Path, secret_file: Path, url: str, problem: str
+):
+    """A ledger URL of no known form is one problem that says which forms there are."""
+    env = _merchant_env(tmp_path, secret_file, RELAY_MERCHANT_LEDGER_URL=url)
+    with pytest.raises(ConfigError) as info:
+        MerchantSettings.from_env(env, insecure_dev=True)
+    assert 1 == len(info.value.problems)
+    assert problem in info.value.problems[0]
+    assert url not in str(info.value)

@@ -1,16 +1,21 @@
-"""The token ledger on both backends: idempotency, concurrent duplicates, leases and expiry.
+"""The token ledger on every backend: idempotency, concurrent duplicates, leases and expiry.
 
-Every test that takes ``ledger`` or ``open_ledgers`` runs on memory and on PostgreSQL (a fresh
-schema in the run's own database, tests/vault_backends.py); tests named ``*_replicas`` open two
-PostgreSQL ledgers on one database, as two gateway replicas would.
+Every test that takes ``ledger`` or ``open_ledgers`` runs on memory, on SQLite (a fresh file
+under tmp_path) and on PostgreSQL (a fresh schema in the run's own database,
+tests/vault_backends.py); tests named ``*_replicas`` open two PostgreSQL ledgers on one
+database, as two gateway replicas would. ``successor`` gives the ledger that takes over from a
+holder that is gone: the same one in memory (one process), the SQLite file closed and opened
+again (a restart), another replica on PostgreSQL. Time moves with the injected clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -24,6 +29,7 @@ from merchant_side.ledger import (
     open_ledger,
 )
 from merchant_side.ledger.memory import PURGE_EVERY
+from merchant_side.ledger.postgres import MIGRATIONS
 from relay.errors import ConfigError, InvalidRequest, Unavailable
 from relay.secrets import Secret
 from tests.vault_backends import (  # noqa: F401 - pytest finds fixtures by name
@@ -35,8 +41,11 @@ from tests.vault_backends import (  # noqa: F401 - pytest finds fixtures by name
 LEASE = 10.0
 WAIT = 5.0
 TOKEN = "eyJraWQiOiJ0ZXN0In0.eyJqdGkiOiJ0dC0xIn0.c2lnbmF0dXJl"  # a fake TT: a JWT in shape only
+CC_1 = "eyJraWQiOiJjYyJ9.eyJqdGkiOiJjYy0xIn0.c2lnbmF0dXJlLTE"  # fake capture contexts
+CC_2 = "eyJraWQiOiJjYyJ9.eyJqdGkiOiJjYy0yIn0.c2lnbmF0dXJlLTI"
 
 OpenLedgers = Callable[[], Awaitable[Ledger]]
+Successor = Callable[[Ledger], Awaitable[Ledger]]
 
 
 class FakeClock:
@@ -64,11 +73,17 @@ def postgres_ledger_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["memory", "postgresql"])
+@pytest.fixture
+def sqlite_ledger_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/ledger.db"
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def ledger_url(request: pytest.FixtureRequest) -> str:
     if request.param == "memory":
         return "memory"
-    url: str = request.getfixturevalue("postgres_ledger_url")
+    fixture = {"sqlite": "sqlite_ledger_url", "postgresql": "postgres_ledger_url"}[request.param]
+    url: str = request.getfixturevalue(fixture)
     return url
 
 
@@ -97,8 +112,26 @@ async def open_replicas(postgres_ledger_url: str, clock: FakeClock) -> AsyncIter
 
 
 @pytest.fixture
+async def open_sqlite(sqlite_ledger_url: str, clock: FakeClock) -> AsyncIterator[OpenLedgers]:
+    async for opener in _opener(sqlite_ledger_url, clock):
+        yield opener
+
+
+@pytest.fixture
 async def ledger(open_ledgers: OpenLedgers) -> Ledger:
     return await open_ledgers()
+
+
+@pytest.fixture
+def successor(ledger_url: str, open_ledgers: OpenLedgers) -> Successor:
+    async def take_over_from(gone: Ledger) -> Ledger:
+        if ledger_url == "memory":
+            return gone
+        if ledger_url.startswith("sqlite"):
+            await gone.close()
+        return await open_ledgers()
+
+    return take_over_from
 
 
 def make_record(
@@ -327,6 +360,233 @@ async def test_waiting_past_wait_seconds_is_unavailable(ledger: Ledger) -> None:
     assert info.value.retryable
 
 
+# --- Renewed leases and noted attempts ---------------------------------------------------------
+
+
+async def test_a_takeover_is_told_the_attempt_the_lapsed_holder_noted(
+    ledger: Ledger, successor: Successor, clock: FakeClock
+) -> None:
+    """The last capture context noted on a lapsed lease comes back with the claim that takes it."""
+    await claim(ledger)
+    assert await ledger.note_attempt("req-1", CC_1)
+    assert await ledger.note_attempt("req-1", CC_2)
+    clock.advance(LEASE + 1)
+    assert Claim(None, CC_2) == await claim(await successor(ledger))
+
+
+async def test_a_takeover_without_a_noted_attempt_has_none(
+    ledger: Ledger, successor: Successor, clock: FakeClock
+) -> None:
+    """A lapsed lease that noted nothing, and the next holder's own lapse, report no attempt."""
+    await claim(ledger)
+    clock.advance(LEASE + 1)
+    other = await successor(ledger)
+    assert Claim(None) == await claim(other)
+    assert await other.note_attempt("req-1", CC_1)
+    clock.advance(LEASE + 1)
+    third = await successor(other)
+    assert Claim(None, CC_1) == await claim(third)
+    clock.advance(LEASE + 1)
+    assert Claim(None) == await claim(await successor(third))
+
+
+async def test_an_expired_record_takes_no_attempt_along(ledger: Ledger, clock: FakeClock) -> None:
+    """complete forgets the attempt: the takeover of an expired record has no previous attempt."""
+    await claim(ledger)
+    assert await ledger.note_attempt("req-1", CC_1)
+    await ledger.complete(make_record(clock, ttl=60))
+    clock.advance(61)
+    assert Claim(None) == await claim(ledger)
+
+
+async def test_renew_keeps_a_lease_from_lapsing(
+    ledger: Ledger, successor: Successor, clock: FakeClock
+) -> None:
+    """A renewed lease outlives its first lease_seconds, and lapses lease_seconds after renew."""
+    await claim(ledger)
+    clock.advance(LEASE - 2)
+    assert await ledger.renew("req-1", LEASE)
+    clock.advance(LEASE - 2)
+    other = await successor(ledger)
+    with pytest.raises(Unavailable):
+        await claim(other, wait=0)
+    clock.advance(3)
+    assert Claim(None) == await claim(other)
+
+
+async def test_a_lapsed_lease_nobody_took_over_is_still_held(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Until a claim takes it over, the holder of a lapsed lease may renew it and note on it."""
+    await claim(ledger)
+    clock.advance(LEASE + 1)
+    assert await ledger.note_attempt("req-1", CC_1)
+    assert await ledger.renew("req-1", LEASE)
+    with pytest.raises(Unavailable):
+        await claim(ledger, wait=0)
+
+
+async def test_renew_and_note_attempt_need_a_pending_lease(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """An unknown, completed or abandoned request_id has no lease to renew or note on."""
+    assert (False, False) == await _renew_and_note(ledger, "req-1")
+    await claim(ledger)
+    await ledger.complete(make_record(clock))
+    assert (False, False) == await _renew_and_note(ledger, "req-1")
+    await claim(ledger, "req-2")
+    await ledger.abandon("req-2")
+    assert (False, False) == await _renew_and_note(ledger, "req-2")
+    await claim(ledger, "req-3")
+    assert (True, True) == await _renew_and_note(ledger, "req-3")
+
+
+async def _renew_and_note(ledger: Ledger, request_id: str) -> tuple[bool, bool]:
+    return await ledger.renew(request_id, LEASE), await ledger.note_attempt(request_id, CC_1)
+
+
+async def test_a_replica_that_lost_its_lease_can_neither_renew_nor_note(
+    open_replicas: OpenLedgers, clock: FakeClock
+) -> None:
+    """Once another replica took the lapsed lease over, the old holder's calls change nothing."""
+    holder, other = await open_replicas(), await open_replicas()
+    await claim(holder)
+    assert await holder.note_attempt("req-1", CC_1)
+    clock.advance(LEASE + 1)
+    assert Claim(None, CC_1) == await claim(other)
+    assert (False, False) == await _renew_and_note(holder, "req-1")
+    await holder.abandon("req-1")
+    assert (True, True) == await _renew_and_note(other, "req-1")
+    clock.advance(LEASE - 1)
+    with pytest.raises(Unavailable):
+        await claim(holder, wait=0)
+
+
+async def test_a_holder_that_lost_its_lease_still_records_its_token(
+    open_replicas: OpenLedgers, clock: FakeClock
+) -> None:
+    """A token issued under a lapsed lease is stored if nobody stored one; the next is ignored."""
+    holder, other = await open_replicas(), await open_replicas()
+    await claim(holder)
+    clock.advance(LEASE + 1)
+    assert Claim(None) == await claim(other)
+    late = make_record(clock)
+    await holder.complete(late)
+    await other.complete(make_record(clock, jti="tt-2"))
+    assert late == await other.get("req-1")
+    assert (False, False) == await _renew_and_note(other, "req-1")
+
+
+async def test_a_note_committed_while_a_takeover_waits_is_what_it_reports(
+    open_replicas: OpenLedgers, postgres_ledger_url: str, clock: FakeClock
+) -> None:
+    """The takeover reads the attempt from the row it locked, not from its older snapshot."""
+    holder, other = await open_replicas(), await open_replicas()
+    await claim(holder)
+    assert await holder.note_attempt("req-1", CC_1)
+    clock.advance(LEASE + 1)
+    async with await psycopg.AsyncConnection.connect(postgres_ledger_url) as conn:
+        # A note_attempt in flight: it holds the row until it commits.
+        await conn.execute(
+            "UPDATE token_ledger SET attempt_cc = %s WHERE request_id = 'req-1'", (CC_2,)
+        )
+        takeover = asyncio.create_task(claim(other))
+        await _until_a_statement_waits_for_a_lock(postgres_ledger_url)
+        await conn.commit()
+    assert Claim(None, CC_2) == await takeover
+
+
+async def _until_a_statement_waits_for_a_lock(url: str) -> None:
+    query = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        async with asyncio.timeout(10):
+            while (await (await conn.execute(query)).fetchone()) != (1,):
+                await asyncio.sleep(0.01)
+
+
+# --- SQLite: one process's durable file --------------------------------------------------------
+
+
+async def test_a_restart_keeps_every_recorded_token(
+    open_sqlite: OpenLedgers, clock: FakeClock
+) -> None:
+    """A token completed before the ledger closed is replayed by the ledger opened after."""
+    before = await open_sqlite()
+    await claim(before)
+    record = make_record(clock)
+    await before.complete(record)
+    await before.close()
+    after = await open_sqlite()
+    assert Claim(record) == await claim(after)
+    assert record == await after.get("req-1")
+
+
+async def test_a_reopened_sqlite_ledger_does_not_hold_the_old_leases(
+    open_sqlite: OpenLedgers, clock: FakeClock
+) -> None:
+    """A restarted process must take a lapsed lease over before it may renew or note on it."""
+    before = await open_sqlite()
+    await claim(before)
+    await before.close()
+    after = await open_sqlite()
+    assert (False, False) == await _renew_and_note(after, "req-1")
+    await after.abandon("req-1")
+    with pytest.raises(Unavailable):
+        await claim(after, wait=0)
+    clock.advance(LEASE + 1)
+    assert Claim(None) == await claim(after)
+    assert (True, True) == await _renew_and_note(after, "req-1")
+
+
+async def test_a_second_sqlite_ledger_on_an_open_file_is_refused(
+    open_sqlite: OpenLedgers,
+) -> None:
+    """One process owns the file: another opener is told to use PostgreSQL, until it closes."""
+    first = await open_sqlite()
+    with pytest.raises(ConfigError) as info:
+        await open_sqlite()
+    assert "is in use by another process: use PostgreSQL for several replicas" in str(info.value)
+    await first.close()
+    await open_sqlite()
+
+
+async def test_the_sqlite_files_are_owner_only(
+    open_sqlite: OpenLedgers, sqlite_ledger_url: str, clock: FakeClock
+) -> None:
+    """The ledger, its WAL and its lock file are created mode 0600: they hold bearer tokens."""
+    ledger = await open_sqlite()
+    await claim(ledger)
+    await ledger.complete(make_record(clock))
+    path = sqlite_ledger_url.removeprefix("sqlite:///")
+    files = [Path(path), Path(f"{path}-wal"), Path(f"{path}.lock")]
+    modes = {file: stat.S_IMODE(file.stat().st_mode) for file in files}
+    assert dict.fromkeys(files, 0o600) == modes
+
+
+async def test_a_sqlite_ledger_in_a_missing_directory_is_a_config_error(tmp_path: Path) -> None:
+    """A path that cannot be created fails at open, naming the setting, not the path."""
+    with pytest.raises(ConfigError) as info:
+        await open_ledger(Secret(f"sqlite:///{tmp_path}/missing/ledger.db"))
+    assert "RELAY_MERCHANT_LEDGER_URL" in str(info.value)
+    assert str(tmp_path) not in str(info.value)
+
+
+async def test_a_closed_sqlite_ledger_is_unavailable(open_sqlite: OpenLedgers) -> None:
+    """Calls after close, and waiters woken by it, get a retryable error."""
+    ledger = await open_sqlite()
+    await claim(ledger)
+    waiter = asyncio.create_task(claim(ledger))
+    await asyncio.sleep(0)
+    await ledger.close()
+    with pytest.raises(Unavailable):
+        await waiter
+    with pytest.raises(Unavailable):
+        await ledger.get("req-1")
+
+
 # --- Purging and secrecy -----------------------------------------------------------------------
 
 
@@ -366,6 +626,11 @@ def test_repr_hides_the_transient_token(clock: FakeClock) -> None:
         assert "tt-1" in text
 
 
+def test_repr_leaves_out_the_previous_attempt() -> None:
+    """A claim's repr shows no capture context: only ids belong in logs."""
+    assert "Claim(record=None)" == repr(Claim(None, CC_1))
+
+
 async def test_the_transient_token_is_never_logged(
     ledger: Ledger, clock: FakeClock, log_stream: io.StringIO
 ) -> None:
@@ -384,10 +649,13 @@ async def test_the_transient_token_is_never_logged(
 # --- Opening -----------------------------------------------------------------------------------
 
 
-async def test_open_ledger_refuses_other_urls() -> None:
-    """Only memory and postgresql:// name a ledger."""
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1/0", "sqlite://ledger.db", "sqlite:///", "sqlite:///:memory:"]
+)
+async def test_open_ledger_refuses_other_urls(url: str) -> None:
+    """Only sqlite:///PATH (a file), postgresql:// and memory name a ledger."""
     with pytest.raises(ConfigError):
-        await open_ledger(Secret("sqlite:///ledger.db"))
+        await open_ledger(Secret(url))
 
 
 async def test_concurrent_opens_migrate_once(postgres_ledger_url: str) -> None:
@@ -397,8 +665,37 @@ async def test_concurrent_opens_migrate_once(postgres_ledger_url: str) -> None:
     for ledger in ledgers:
         await ledger.close()
     async with await psycopg.AsyncConnection.connect(postgres_ledger_url) as conn:
-        cursor = await conn.execute("SELECT version FROM token_ledger_schema")
-        assert [(1,)] == await cursor.fetchall()
+        cursor = await conn.execute("SELECT version FROM token_ledger_schema ORDER BY version")
+        assert [(1,), (2,)] == await cursor.fetchall()
+
+
+async def test_a_version_1_table_is_upgraded_with_its_rows(
+    postgres_ledger_url: str, clock: FakeClock
+) -> None:
+    """A ledger written before attempts were noted keeps its records and gains the column."""
+    record = make_record(clock)
+    async with await psycopg.AsyncConnection.connect(postgres_ledger_url, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE token_ledger_schema (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for statement in MIGRATIONS[0][1]:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO token_ledger_schema (version) VALUES (1)")
+        await conn.execute(
+            "INSERT INTO token_ledger (request_id, card_ref, state, transient_token, jti, "
+            "expires_at, masked_pan, bin, card_type) "
+            "VALUES (%s, %s, 'done', %s, %s, %s, %s, %s, %s)",
+            (record.request_id, record.card_ref, TOKEN, record.jti, record.expires_at,
+             record.masked_pan, record.bin, record.card_type),
+        )  # fmt: skip
+    ledger = await open_ledger(Secret(postgres_ledger_url), clock=clock)
+    try:
+        assert Claim(record) == await claim(ledger)
+        assert Claim(None) == await claim(ledger, "req-2")
+        assert await ledger.note_attempt("req-2", CC_1)
+    finally:
+        await ledger.close()
 
 
 async def test_a_lost_listen_connection_is_restored(
