@@ -2,9 +2,20 @@
 
 The capture context is verified here before PciRelay sees it, and the transient token is
 verified against the one-time key of the context we created, so a PciRelay (or a network) that
-returns someone else's token is caught. A request_id is tokenized at most once while its token
-lives (the ledger), and a context that expired in transit or a PciRelay that is unavailable
-costs a fresh session, within the caller's deadline.
+returns someone else's token is caught.
+
+A request_id is tokenized at most once, whatever the caller does:
+
+- it is claimed in the ledger with a short lease, renewed while the work runs, so a replica
+  that dies hands its ids to another within one lease, not after the caller's deadline;
+- the capture context of each attempt is noted in the ledger before it goes to PciRelay, and a
+  repeat (after an unanswered attempt, or a takeover of a lapsed lease) goes out under that same
+  context, which PciRelay answers with the first attempt's token instead of a second one;
+- the work is detached from its caller: a caller that leaves (cancelled, deadline) withdraws
+  the request at PciRelay, and an answer already on its way is still recorded, so the caller's
+  retry gets that token; a claim is released only once nothing can come of it;
+- a context that expired, or a PciRelay that is unavailable or restarting, costs another try
+  with jittered backoff, for as long as the caller's deadline allows.
 """
 
 from __future__ import annotations
@@ -12,35 +23,41 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final
 
 import structlog
 
 from merchant_side.ledger import Ledger, TokenRecord
-from merchant_side.pci_client import PciToken
+from merchant_side.pci_client import PciLink, PciToken
 from relay.config import MerchantConfig
 from relay.errors import (
     CaptureContextExpired,
+    CaptureContextInvalid,
     DeadlineExceeded,
     FlexUnavailable,
-    InvalidRequest,
+    OutcomeUnknown,
+    RelayError,
     TokenNotFound,
     Unavailable,
+    Withdrawn,
 )
 from relay.flex.client import FlexClient
 from relay.flex.fields import DEFAULT_FIELDS, FieldSpec, validate_fields
 from relay.flex.models import CaptureContext
-from relay.logging import looks_like_card_number
+from relay.ids import check_card_ref, check_request_id
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
-_RECOVERABLE = (CaptureContextExpired, Unavailable, FlexUnavailable)
+_RECOVERABLE = (CaptureContextExpired, Unavailable, FlexUnavailable, Withdrawn)
 _log = structlog.get_logger("merchant_side.gateway")
 
-Tokenize = Callable[[str, str, str, float], Awaitable[PciToken]]
-"""(request_id, capture_context, card_ref, seconds left) -> the token PciRelay returned."""
+LEASE_SECONDS: Final = 5.0
+"""A claim's lease: renewed every third of it while the work runs; what a takeover waits."""
+ANSWER_MARGIN_SECONDS: Final = 0.25
+"""Kept from the caller's deadline to answer it, after the last try."""
+MIN_CONTEXT_LIFE_SECONDS: Final = 30.0
+"""A capture context closer than this to its expiry is not sent again: a new session is."""
+MAX_BACKOFF_SECONDS: Final = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +67,34 @@ class TokenRequest:
     request_id: str
     card_ref: str
     fields: tuple[FieldSpec, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pacing:
+    """How claims are leased and retries spaced (injectable, so tests need not wait)."""
+
+    lease_seconds: float = LEASE_SECONDS
+    sleep: Callable[[float], Coroutine[Any, Any, None]] = asyncio.sleep
+    jitter: Callable[[], float] = random.random
+    """A uniform draw in [0, 1): full jitter, so an outage is not met with bursts of retries."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """One claimed request: where it goes, until when, and whether its caller is still there."""
+
+    request: TokenRequest
+    link: PciLink
+    until: float
+    previous_attempt: str | None
+    caller_left: bool = False
+    unknown: bool = False
+    """Some attempt of this request (or of an earlier holder's) may have been tokenized unseen:
+    the claim must then be left to a retry, never abandoned."""
+
+
+class _LeaseLost(Exception):
+    """Another holder took the claim over: the request is theirs now; touch nothing."""
 
 
 class Gateway:
@@ -62,12 +107,15 @@ class Gateway:
         config: MerchantConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        pacing: Pacing | None = None,
     ) -> None:
         """Share one Flex client and one ledger; clock measures deadlines."""
         self._flex = flex
         self._ledger = ledger
         self._config = config
         self._clock = clock
+        self._pacing = pacing if pacing is not None else Pacing()
+        self._work: set[asyncio.Task[Any]] = set()
 
     async def create_session(self, fields: Sequence[FieldSpec] = ()) -> CaptureContext:
         """A fresh capture context for these fields (default: number + optional card fields)."""
@@ -75,32 +123,37 @@ class Gateway:
         return await self._flex.verify_capture_context(await self._flex.create_session(spec))
 
     async def request_token(
-        self, request: TokenRequest, tokenize: Tokenize, *, deadline: float | None
+        self, request: TokenRequest, link: PciLink, *, deadline: float | None
     ) -> TokenRecord:
         """The recorded token for request_id, or a new one made exactly once."""
         _validate(request)
         validate_fields(request.fields or DEFAULT_FIELDS)
-        until = self._clock() + (
-            deadline if deadline is not None else self._config.default_deadline
-        )
+        seconds = deadline if deadline is not None else self._config.default_deadline
+        until = self._clock() + seconds
         with structlog.contextvars.bound_contextvars(
             request_id=request.request_id, card_ref=request.card_ref
         ):
-            left = self._left(until)
             claim = await self._ledger.claim(
-                request.request_id, request.card_ref, lease_seconds=left, wait_seconds=left
+                request.request_id,
+                request.card_ref,
+                lease_seconds=self._pacing.lease_seconds,
+                wait_seconds=self._left(until),
             )
             if claim.record is not None:
                 _log.info("token_replayed", tt_jti=claim.record.jti)
                 return claim.record
+            previous = claim.previous_attempt
+            job = _Job(request, link, until, previous, unknown=previous is not None)
+            work = self.detach(self._own(job))
             try:
-                record = await self._tokenize(request, tokenize, until)
-            except BaseException:
-                await asyncio.shield(self._ledger.abandon(request.request_id))
+                async with asyncio.timeout(self._left(until)):
+                    return await asyncio.shield(work)
+            except TimeoutError:
+                self._caller_left(job)
+                raise DeadlineExceeded("the request's deadline passed") from None
+            except asyncio.CancelledError:
+                self._caller_left(job)
                 raise
-            await self._ledger.complete(record)
-            _log.info("token_issued", tt_jti=record.jti)
-            return record
 
     async def get_token(self, request_id: str) -> TokenRecord:
         """The live token recorded under request_id."""
@@ -109,26 +162,112 @@ class Gateway:
             raise TokenNotFound("no live token for this request_id", request_id=request_id)
         return record
 
-    async def _tokenize(
-        self, request: TokenRequest, tokenize: Tokenize, until: float
-    ) -> TokenRecord:
-        attempts = self._config.max_attempts
-        for attempt in range(1, attempts + 1):
+    def detach(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work beyond its caller; `wait_idle` waits for it before the ledger closes."""
+        task = asyncio.create_task(work)
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        task.add_done_callback(_seen)
+        return task
+
+    async def wait_idle(self) -> None:
+        """Wait until every detached piece of work has ended (at shutdown, after the drain)."""
+        while self._work:
+            await asyncio.wait(set(self._work))
+
+    def _caller_left(self, job: _Job) -> None:
+        job.caller_left = True
+        job.link.withdraw(job.request.request_id)
+        _log.info("token_caller_left")
+
+    async def _own(self, job: _Job) -> TokenRecord:
+        """Hold the claim while the job runs; record, release or leave it as the outcome says."""
+        request_id = job.request.request_id
+        keeper = asyncio.create_task(self._keep_lease(request_id), name="ledger-lease")
+        try:
+            record = await self._attempts(job)
+        except _LeaseLost:
+            raise Unavailable(
+                "another gateway replica took this request over", request_id=request_id
+            ) from None
+        except BaseException:
+            await asyncio.shield(self._release(job))
+            raise
+        finally:
+            keeper.cancel()
+        await self._ledger.complete(record)
+        _log.info("token_issued", tt_jti=record.jti, late=job.caller_left)
+        return record
+
+    async def _release(self, job: _Job) -> None:
+        request_id = job.request.request_id
+        if job.unknown:
+            # PciRelay may have tokenized it: leave the claim, with its context, to the retry.
+            await self._ledger.renew(request_id, 0.0)
+            _log.info("token_outcome_unknown")
+        else:
+            await self._ledger.abandon(request_id)
+
+    async def _keep_lease(self, request_id: str) -> None:
+        while True:
+            await asyncio.sleep(self._pacing.lease_seconds / 3)
             try:
-                ctx = await self.create_session(request.fields)
-                token = await tokenize(
-                    request.request_id, ctx.raw, request.card_ref, self._left(until)
-                )
-            except _RECOVERABLE as exc:
-                if attempt == attempts or self._left(until) <= 0:
-                    raise
-                _log.info("token_retry", reason=exc.reason, attempt=attempt)
-                # Full jitter, so a PciRelay outage is not met with a burst of Flex sessions.
-                delay = random.uniform(0, min(1.0, 0.05 * 2**attempt))  # noqa: S311  not crypto
-                await asyncio.sleep(min(delay, max(0.0, until - self._clock())))
+                held = await self._ledger.renew(request_id, self._pacing.lease_seconds)
+            except RelayError as exc:
+                _log.warning("ledger_renew_failed", reason=exc.reason)
                 continue
-            return self._record(request, token, ctx)
-        raise AssertionError("unreachable: max_attempts is at least 1")
+            if not held:
+                _log.warning("ledger_lease_lost")
+                return
+
+    async def _attempts(self, job: _Job) -> TokenRecord:
+        """Try until a token, a definite refusal, the caller leaving, or the deadline."""
+        ctx = await self._reusable(job.previous_attempt)
+        last: RelayError
+        for attempt in range(1, 1_000_000):
+            if job.caller_left:
+                raise Withdrawn("the caller left", request_id=job.request.request_id)
+            try:
+                ctx = await self._fresh_enough(ctx, job.request.fields)
+                return await self._attempt(job, ctx)
+            except CaptureContextExpired as exc:
+                ctx, last = None, exc
+            except OutcomeUnknown as exc:
+                job.unknown, last = True, exc
+            except _RECOVERABLE as exc:
+                last = exc
+            wait = self._pacing.jitter() * min(MAX_BACKOFF_SECONDS, 0.05 * 2**attempt)
+            if job.caller_left or self._clock() + wait >= job.until - ANSWER_MARGIN_SECONDS:
+                raise _unknown(job) if job.unknown else last
+            _log.info("token_retry", reason=last.reason, attempt=attempt)
+            await self._pacing.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, job: _Job, ctx: CaptureContext) -> TokenRecord:
+        request = job.request
+        left = self._left(job.until) - ANSWER_MARGIN_SECONDS
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed")
+        if not await self._ledger.note_attempt(request.request_id, ctx.raw):
+            raise _LeaseLost
+        token = await job.link.tokenize(request.request_id, ctx.raw, request.card_ref, timeout=left)
+        return self._record(request, token, ctx)
+
+    async def _reusable(self, previous: str | None) -> CaptureContext | None:
+        """The context of an earlier, unanswered attempt, if it can still be sent again."""
+        if previous is None:
+            return None
+        try:
+            return await self._flex.verify_capture_context(previous)
+        except CaptureContextInvalid:
+            return None
+
+    async def _fresh_enough(
+        self, ctx: CaptureContext | None, fields: Sequence[FieldSpec]
+    ) -> CaptureContext:
+        if ctx is not None and ctx.expires_at - time.time() > MIN_CONTEXT_LIFE_SECONDS:
+            return ctx
+        return await self.create_session(fields)
 
     def _record(self, request: TokenRequest, token: PciToken, ctx: CaptureContext) -> TokenRecord:
         verified = self._flex.verify_transient_token(token.transient_token, ctx)
@@ -150,11 +289,20 @@ class Gateway:
         return left
 
 
+def _unknown(job: _Job) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        "the outcome is not known yet: send the same request_id again, it is never tokenized twice",
+        request_id=job.request.request_id,
+    )
+
+
+def _seen(task: asyncio.Task[Any]) -> None:
+    """Mark a detached task's failure as seen: its caller may have left, and it was logged."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _validate(request: TokenRequest) -> None:
-    if not _REQUEST_ID.fullmatch(request.request_id):
-        raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
-    if looks_like_card_number(request.request_id) or looks_like_card_number(request.card_ref):
-        # Ids are recorded and echoed in clear: never with a card number in them.
-        raise InvalidRequest("request_id and card_ref must not contain a card number")
-    if not _ID.fullmatch(request.card_ref):
-        raise InvalidRequest("card_ref is missing or malformed", request_id=request.request_id)
+    # relay.ids: the rules PciRelay applies too; ids are recorded and echoed in clear.
+    check_request_id(request.request_id)
+    check_card_ref(request.card_ref, request_id=request.request_id)

@@ -1,10 +1,10 @@
 """`relay cards ...`: the card vault's operator commands.
 
-`import`, `list`, `grant`, `revoke`, `rotate-key` and `audit verify`. Settings come from the
-environment only (RELAY_VAULT_*, secrets from *_FILE paths), as for every relay command; the
-flags are each command's own arguments. Results go to stdout; rejected rows, progress and logs
-to stderr. Log lines start at warning unless RELAY_LOG_LEVEL asks for more, so that the output
-of an operator's command is the answer, not the vault's bookkeeping.
+`import`, `list`, `grant`, `revoke`, `rotate-key`, `audit verify` and `audit unfinished`.
+Settings come from the environment only (RELAY_VAULT_*, secrets from *_FILE paths), as for every
+relay command; the flags are each command's own arguments. Results go to stdout; rejected rows,
+progress and logs to stderr. Log lines start at warning unless RELAY_LOG_LEVEL asks for more, so
+that the output of an operator's command is the answer, not the vault's bookkeeping.
 
 No traceback reaches the user: a RelayError goes up to `relay`, which prints
 `relay: message (REASON)` and exits 1 (2 for ConfigError); anything else is logged by its type
@@ -46,13 +46,14 @@ from pci_side.vault import (
     CardVault,
     NewCard,
     append_version,
-    is_valid_id,
     open_vault,
 )
+from pci_side.vault.audit import format_at
 from relay.cards import CARD_TYPE_NAMES
 from relay.config import EnvReader, VaultSettings, log_level
 from relay.errors import RelayError
-from relay.logging import configure_logging, looks_like_card_number
+from relay.ids import IdKind, id_problem
+from relay.logging import configure_logging
 from relay.progress import Progress
 
 T = TypeVar("T")
@@ -97,6 +98,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     audit_actions = audit.add_subparsers(dest="audit_action", required=True, metavar="ACTION")
     verify = audit_actions.add_parser("verify", help="walk the hash chain; exit 1 if broken")
     verify.set_defaults(func=_guarded(_audit_verify))
+    unfinished = audit_actions.add_parser(
+        "unfinished",
+        help="list attempts that were sent to Flex and never recorded an outcome (JSON lines); "
+        "exit 1 if there are any",
+    )
+    unfinished.set_defaults(func=_guarded(_audit_unfinished))
 
 
 def _add_import(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -127,7 +134,9 @@ def _add_import(actions: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _add_list(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = actions.add_parser("list", help="list cards, masked, ordered by card_ref")
     show.add_argument("--limit", type=_bounded(1, MAX_LIMIT), default=100, help="default 100")
-    show.add_argument("--after", type=_identifier, metavar="CARD_REF", help="start after this")
+    show.add_argument(
+        "--after", type=_identifier("card_ref"), metavar="CARD_REF", help="start after this"
+    )
     show.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
     show.set_defaults(func=_guarded(_list))
 
@@ -138,8 +147,8 @@ def _add_grants(actions: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ("revoke", "withdraw a merchant's grant on a card", _revoke),
     ):
         parser = actions.add_parser(name, help=help_text)
-        parser.add_argument("card_ref", type=_identifier, metavar="CARD_REF")
-        parser.add_argument("merchant_id", type=_identifier, metavar="MERCHANT_ID")
+        parser.add_argument("card_ref", type=_identifier("card_ref"), metavar="CARD_REF")
+        parser.add_argument("merchant_id", type=_identifier("merchant_id"), metavar="MERCHANT_ID")
         parser.set_defaults(func=_guarded(command))
 
 
@@ -152,13 +161,15 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _identifier(text: str) -> str:
-    # ArgumentTypeError, not ValueError: argparse then prints our text, never the argument.
-    if not is_valid_id(text):
-        raise argparse.ArgumentTypeError("must be 1 to 64 of A-Z a-z 0-9 _ . : -")
-    if looks_like_card_number(text):
-        raise argparse.ArgumentTypeError("looks like a card number, not an id")
-    return text
+def _identifier(kind: IdKind) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        # ArgumentTypeError, not ValueError: argparse then prints our text, never the argument.
+        problem = id_problem(kind, text)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return text
+
+    return parse
 
 
 def _guarded(command: Command) -> Command:
@@ -443,6 +454,22 @@ def _rotate_key(args: argparse.Namespace) -> int:
     report = _with_vault(lambda vault: vault.rotate_key(), settings)
     _out(f"rewrapped {report.rewrapped} keys; current KEK version {report.current_version}")
     return 0
+
+
+def _audit_unfinished(args: argparse.Namespace) -> int:  # noqa: ARG001  the command signature
+    started = _with_vault(lambda vault: vault.unfinished_attempts())
+    for stored in started:
+        entry = stored.entry
+        line = {
+            "seq": stored.seq,
+            "at": format_at(stored.at),
+            "merchant_id": entry.merchant_id,
+            "request_id": entry.request_id,
+            "card_ref": entry.card_ref,
+            "cc_jti": entry.cc_jti,
+        }
+        _out(json.dumps(line, sort_keys=True))
+    return 1 if started else 0
 
 
 def _audit_verify(args: argparse.Namespace) -> int:  # noqa: ARG001  the command signature

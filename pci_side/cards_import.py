@@ -30,10 +30,10 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import BinaryIO, Final, Literal
 
-from pci_side.vault import is_valid_id
 from relay.cards import CardData, Pan, SecurityCode, expiry_passed, luhn_ok, parse_expiry
 from relay.errors import InvalidCardData
-from relay.logging import looks_like_card_number, scrub_text
+from relay.ids import id_problem
+from relay.logging import scrub_text
 
 Format = Literal["csv", "jsonl"]
 
@@ -240,13 +240,11 @@ def _blank(value: object) -> bool:
 def _card_ref(value: object, problems: list[str]) -> str | None:
     if _blank(value):
         return None
-    if not is_valid_id(value):
-        problems.append("card_ref must be 1 to 64 of A-Z a-z 0-9 _ . : -")
+    problem = id_problem("card_ref", value)
+    if problem is not None:
+        problems.append(problem)
         return None
     assert isinstance(value, str)
-    if looks_like_card_number(value):
-        problems.append("card_ref looks like a card number")
-        return None
     return value
 
 
@@ -331,13 +329,21 @@ def _merchants(value: object, problems: list[str]) -> tuple[str, ...]:
     else:
         problems.append("merchants must be a list or a string")
         return ()
-    bad = [str(n) for n, item in enumerate(items, 1) if not _merchant_ok(item)]
+    bad = _merchant_problems(items)
     if bad:
-        which = f"entry {bad[0]} is" if len(bad) == 1 else f"entries {', '.join(bad)} are"
-        problems.append(f"merchants: {which} not 1 to 64 of A-Z a-z 0-9 _ . : -")
+        problems.extend(bad)
         return ()
     return tuple(dict.fromkeys(str(item) for item in items))
 
 
-def _merchant_ok(item: object) -> bool:
-    return is_valid_id(item) and not looks_like_card_number(str(item))
+def _merchant_problems(items: list[object]) -> list[str]:
+    """One problem per distinct id problem, naming the entries (1-based) that have it."""
+    entries: dict[str, list[str]] = {}
+    for number, item in enumerate(items, 1):
+        problem = id_problem("merchant_id", item)
+        if problem is not None:
+            entries.setdefault(problem, []).append(str(number))
+    return [
+        f"merchants: {'entry' if len(found) == 1 else 'entries'} {', '.join(found)}: {problem}"
+        for problem, found in entries.items()
+    ]

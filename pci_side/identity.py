@@ -8,16 +8,15 @@ metadata: acceptable only on a developer's loopback.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import grpc
 
 from relay.errors import PermissionDenied
+from relay.ids import is_valid_id
 from relay.tlsgen import merchant_from_cert
 
 MERCHANT_METADATA_KEY = "x-relay-merchant-id"
-_MERCHANT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 def merchant_from_context(
@@ -30,6 +29,6 @@ def merchant_from_context(
     else:
         pems = list(context.auth_context().get("x509_pem_cert") or [])
         candidate = merchant_from_cert(pems[0]) if pems else None
-    if not isinstance(candidate, str) or not _MERCHANT_ID.fullmatch(candidate):
+    if not (isinstance(candidate, str) and is_valid_id("merchant_id", candidate)):
         raise PermissionDenied("the caller does not identify a merchant")
     return candidate

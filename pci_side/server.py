@@ -82,58 +82,72 @@ class PciRelayService(pci_relay_pb2_grpc.PciRelayServicer):
         request: pci_relay_pb2.PciTokenizeRequest,
         items: dict[str, _Item],
     ) -> pci_relay_pb2.PciTokenizeResult:
-        if request.request_id in items:
+        item = items.get(request.request_id)
+        if item is None or item.request is not request:
             duplicate = InvalidRequest(
                 "request_id is already in progress on this stream", request_id=request.request_id
             )
             return _error(request.request_id, duplicate)
-        item = _Item(asyncio.current_task(), Progress())
-        items[request.request_id] = item
-        domain = _domain(request, _send_by(request, None))
+        if item.withdrawn:
+            del items[request.request_id]
+            return _error(request.request_id, _withdrawn(request))
         try:
-            return _result(await self._tokenizer.tokenize(merchant, domain, item.progress))
+            domain = _domain(request, _send_by(request, None))
+            item.task = asyncio.create_task(
+                self._tokenizer.tokenize(merchant, domain, item.progress)
+            )
+            return _result(await item.task)
         except RelayError as exc:
             return _error(request.request_id, exc)
         except asyncio.CancelledError:
-            if not item.withdrawn or _still_cancelled():
-                raise  # the stream itself ends
-            return _error(request.request_id, Withdrawn("withdrawn before it was sent"))
+            if item.task is not None and item.task.cancelled() and not _cancelling():
+                return _error(request.request_id, _withdrawn(request))
+            raise  # the stream itself ends
         except Exception:  # noqa: BLE001  one bad item must not end the stream
             _log.exception("tokenize_crashed", request_id=request.request_id)
             return _error(request.request_id, rpc.internal_error())
         finally:
-            items.pop(request.request_id, None)
+            if items.get(request.request_id) is item:
+                del items[request.request_id]
 
 
 @dataclasses.dataclass(slots=True)
 class _Item:
-    """An item in progress on a stream, which its sender may withdraw until it is sent."""
+    """An item on a stream, which its sender may withdraw until it is sent to Flex."""
 
-    task: asyncio.Task[Any] | None
-    progress: Progress
+    request: pci_relay_pb2.PciTokenizeRequest
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    task: asyncio.Task[IssuedToken] | None = None
     withdrawn: bool = False
 
     def withdraw(self) -> None:
-        if self.task is not None and not self.progress.sent and not self.withdrawn:
-            self.withdrawn = True
+        if self.progress.sent or self.withdrawn:
+            return
+        self.withdrawn = True
+        if self.task is not None:
             self.task.cancel()
 
 
 async def _withdrawing(
     requests: AsyncIterator[pci_relay_pb2.PciTokenizeRequest], items: dict[str, _Item]
 ) -> AsyncIterator[pci_relay_pb2.PciTokenizeRequest]:
-    """The stream's items, with withdrawals acted on here instead of being passed on."""
+    """The stream's items, registered as they arrive; withdrawals are acted on here."""
     async for request in requests:
         if not request.withdraw:
+            items.setdefault(request.request_id, _Item(request))
             yield request
         elif (item := items.get(request.request_id)) is not None:
             item.withdraw()
 
 
-def _still_cancelled() -> bool:
-    """Take back the withdrawal's cancel; True if another cancel (the stream's end) remains."""
+def _withdrawn(request: pci_relay_pb2.PciTokenizeRequest) -> Withdrawn:
+    return Withdrawn("withdrawn before it was sent", request_id=request.request_id)
+
+
+def _cancelling() -> bool:
+    """Whether this task itself is being cancelled (the stream ends), not only its item."""
     task = asyncio.current_task()
-    return task is not None and task.uncancel() > 0
+    return task is not None and task.cancelling() > 0
 
 
 def _send_by(request: pci_relay_pb2.PciTokenizeRequest, remaining: float | None) -> float | None:

@@ -2,27 +2,35 @@
 
 Order matters: the rate limit first, then the capture context (signature, claims, origin),
 then the card (grant check and decryption), then encryption of exactly the requested fields,
-the POST to Flex, and verification of what Flex returned. Every attempt, success or failure,
-is written to the audit chain before the caller hears the outcome.
+the POST to Flex, and verification of what Flex returned.
+
+The audit chain is written ahead: a refusal before Flex is one record; an attempt that goes to
+Flex is a `started` record, committed before the card leaves, and then its outcome. A crash
+between the two leaves the `started` record as evidence (`relay cards audit unfinished`).
+
+Once the card is on its way to Flex the attempt is not abandoned: a caller that leaves, a
+withdrawal or a deadline stops an attempt only before that point. After it, the attempt runs
+to its end, is audited, and its result is kept (releases.py) so the merchant side, asking
+again under the same capture context, gets the same token instead of a second tokenization.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
+import functools
 import time
 
 import structlog
 
 from pci_side.ratelimit import RateLimiter
+from pci_side.releases import Release, ReleaseKey, Releases
 from pci_side.vault import AuditEntry, CardVault
-from relay.errors import DeadlineExceeded, InvalidRequest, NotGranted, RelayError
+from relay.errors import DeadlineExceeded, InvalidRequest, NotGranted, RelayError, Withdrawn
 from relay.flex.client import FlexClient
-from relay.logging import looks_like_card_number
+from relay.flex.models import CaptureContext
+from relay.ids import check_card_ref, check_request_id
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 _log = structlog.get_logger("pci_side.tokenize")
 
 
@@ -33,6 +41,8 @@ class TokenizeRequest:
     request_id: str
     capture_context: str = dataclasses.field(repr=False)
     card_ref: str
+    send_by: float | None = None
+    """Event-loop time after which the card must not be sent to Flex any more; None: no limit."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,22 +55,42 @@ class IssuedToken:
     expires_at: int
 
 
+@dataclasses.dataclass(slots=True)
+class Progress:
+    """How far one attempt got; `sent` turns True just before the card goes to Flex."""
+
+    sent: bool = False
+
+
 class Tokenizer:
     """Runs tokenization requests against the vault and Flex."""
 
-    def __init__(self, vault: CardVault, flex: FlexClient, limiter: RateLimiter) -> None:
-        """Share one vault, one Flex client and one rate limiter across all calls."""
+    def __init__(
+        self,
+        vault: CardVault,
+        flex: FlexClient,
+        limiter: RateLimiter,
+        *,
+        releases: Releases[IssuedToken] | None = None,
+    ) -> None:
+        """Share one vault, one Flex client, one rate limiter and one release map."""
         self._vault = vault
         self._flex = flex
         self._limiter = limiter
+        self._releases: Releases[IssuedToken] = releases if releases is not None else Releases()
+        self._sending: set[asyncio.Task[IssuedToken]] = set()
 
-    async def tokenize(self, merchant_id: str, request: TokenizeRequest) -> IssuedToken:
+    async def tokenize(
+        self, merchant_id: str, request: TokenizeRequest, progress: Progress | None = None
+    ) -> IssuedToken:
         """Tokenize one card for one merchant, auditing the attempt whatever happens.
 
-        A cancelled call (deadline, client gone) is audited too, as DEADLINE_EXCEEDED: the
-        card may already have been sent to Flex, and the audit chain must say so.
+        Stopped before the card was sent (cancelled, or past request.send_by), the attempt is
+        audited as WITHDRAWN or DEADLINE_EXCEEDED and nothing reached Flex. Cancelled after, it
+        goes on to its end in the background (see `drain`) and its result is kept for a repeat.
         """
         _validate(request)
+        progress = progress if progress is not None else Progress()
         with structlog.contextvars.bound_contextvars(
             request_id=request.request_id, merchant=merchant_id, card_ref=request.card_ref
         ):
@@ -69,23 +99,30 @@ class Tokenizer:
                 AuditEntry(merchant_id, request.card_ref, request.request_id, "", "", "", "")
             )
             try:
-                issued = await self._tokenize(merchant_id, request, attempt)
+                issued = await self._tokenize(merchant_id, request, attempt, progress)
             except RelayError as exc:
-                reason = "NOT_GRANTED" if isinstance(exc, NotGranted) else exc.reason
-                await self._audit(attempt, "failure", reason)
-                _log.info("tokenize_failed", reason=reason, ms=_ms(started))
+                if not progress.sent:
+                    reason = "NOT_GRANTED" if isinstance(exc, NotGranted) else exc.reason
+                    await self._audit(attempt, "failure", reason)
+                    _log.info("tokenize_failed", reason=reason, ms=_ms(started))
                 raise
             except asyncio.CancelledError:
-                await asyncio.shield(self._audit(attempt, "failure", DeadlineExceeded.reason))
-                _log.info("tokenize_cancelled", ms=_ms(started))
+                if not progress.sent:
+                    reason = _why_stopped(request)
+                    await asyncio.shield(self._audit(attempt, "failure", reason))
+                    _log.info("tokenize_stopped", reason=reason, ms=_ms(started))
                 raise
             except Exception:
-                # Anything unexpected is still an attempt the audit chain must record.
-                await self._audit(attempt, "failure", "INTERNAL")
+                if not progress.sent:
+                    # Anything unexpected is still an attempt the audit chain must record.
+                    await self._audit(attempt, "failure", "INTERNAL")
                 raise
-            await self._audit(attempt, "success", "")
-            _log.info("tokenized", tt_jti=issued.jti, ms=_ms(started))
             return issued
+
+    async def drain(self) -> None:
+        """Wait for the attempts whose card is already on its way to Flex (before closing)."""
+        while self._sending:
+            await asyncio.wait(set(self._sending))
 
     async def _audit(self, attempt: _Attempt, outcome: str, reason: str) -> None:
         await self._vault.record_attempt(
@@ -93,17 +130,75 @@ class Tokenizer:
         )
 
     async def _tokenize(
-        self, merchant_id: str, request: TokenizeRequest, attempt: _Attempt
+        self, merchant_id: str, request: TokenizeRequest, attempt: _Attempt, progress: Progress
     ) -> IssuedToken:
         self._limiter.acquire(merchant_id)
-        ctx = await self._flex.verify_capture_context(request.capture_context)
+        try:
+            async with asyncio.timeout_at(request.send_by):
+                ctx = await self._flex.verify_capture_context(request.capture_context)
+        except TimeoutError:
+            raise _too_late(request) from None
         attempt.entry = dataclasses.replace(attempt.entry, cc_jti=ctx.jti)
-        card = await self._vault.load_card(request.card_ref, merchant_id)
-        jwe = self._flex.encrypt_card(ctx, card)
-        del card  # the clear card lives no longer than the encryption
-        token = self._flex.verify_transient_token(await self._flex.post_token(ctx, jwe), ctx)
+        key = ReleaseKey(merchant_id, request.request_id, request.card_ref)
+        earlier = self._releases.find(ctx.jti, key)
+        if earlier is not None:
+            # Not bounded by send_by: nothing new is sent, and the answer is the earlier one's.
+            return await self._replay(attempt, earlier)
+        # Registered before the first await, so a repeat arriving meanwhile waits for this one.
+        release = self._releases.start(ctx.jti, key)
+        try:
+            jwe = await self._prepare(merchant_id, request, ctx, attempt)
+        except BaseException as exc:
+            release.fail(exc if isinstance(exc, RelayError) else Withdrawn("stopped unsent"))
+            raise
+        progress.sent = True
+        task = asyncio.create_task(self._send(ctx, jwe, attempt), name="tokenize-send")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(functools.partial(_settle, release))
+        return await asyncio.shield(task)
+
+    async def _prepare(
+        self, merchant_id: str, request: TokenizeRequest, ctx: CaptureContext, attempt: _Attempt
+    ) -> str:
+        """The JWE, once the started record is committed; DeadlineExceeded past send_by."""
+        try:
+            async with asyncio.timeout_at(request.send_by):
+                card = await self._vault.load_card(request.card_ref, merchant_id)
+                jwe = self._flex.encrypt_card(ctx, card)
+                del card  # the clear card lives no longer than the encryption
+                await self._audit(attempt, "started", "")
+        except TimeoutError:
+            raise _too_late(request) from None
+        if request.send_by is not None and asyncio.get_running_loop().time() >= request.send_by:
+            raise _too_late(request)
+        return jwe
+
+    async def _send(self, ctx: CaptureContext, jwe: str, attempt: _Attempt) -> IssuedToken:
+        """POST, verify, audit the outcome: runs to its end even if the caller leaves."""
+        started = time.perf_counter()
+        try:
+            raw = await self._flex.post_token(ctx, jwe)
+            token = self._flex.verify_transient_token(raw, ctx)
+        except RelayError as exc:
+            await self._audit(attempt, "failure", exc.reason)
+            _log.info("tokenize_failed", reason=exc.reason, ms=_ms(started))
+            raise
+        except BaseException:
+            await asyncio.shield(self._audit(attempt, "failure", "INTERNAL"))
+            raise
         attempt.entry = dataclasses.replace(attempt.entry, tt_jti=token.jti)
-        return IssuedToken(request.request_id, token.raw, token.jti, token.expires_at)
+        await self._audit(attempt, "success", "")
+        _log.info("tokenized", tt_jti=token.jti, ms=_ms(started))
+        return IssuedToken(attempt.entry.request_id, token.raw, token.jti, token.expires_at)
+
+    async def _replay(self, attempt: _Attempt, earlier: asyncio.Future[IssuedToken]) -> IssuedToken:
+        """The same request again under the same context: its one attempt's result."""
+        issued = await asyncio.shield(earlier)
+        attempt.entry = dataclasses.replace(attempt.entry, tt_jti=issued.jti)
+        await self._audit(attempt, "replayed", "")
+        _log.info("tokenize_replayed", tt_jti=issued.jti)
+        return issued
 
 
 @dataclasses.dataclass(slots=True)
@@ -113,14 +208,31 @@ class _Attempt:
     entry: AuditEntry
 
 
+def _settle(release: Release[IssuedToken], done: asyncio.Task[IssuedToken]) -> None:
+    if done.cancelled():
+        release.fail(Withdrawn("the attempt was stopped"))
+    elif (error := done.exception()) is not None:
+        release.fail(error)
+    else:
+        release.finish(done.result(), keep_until=done.result().expires_at)
+
+
+def _why_stopped(request: TokenizeRequest) -> str:
+    """A call cancelled at its deadline, or withdrawn (the caller left or said so)."""
+    late = request.send_by is not None and asyncio.get_running_loop().time() >= request.send_by
+    return DeadlineExceeded.reason if late else Withdrawn.reason
+
+
+def _too_late(request: TokenizeRequest) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        "the request's deadline passed before the card was sent", request_id=request.request_id
+    )
+
+
 def _validate(request: TokenizeRequest) -> None:
-    if not _REQUEST_ID.fullmatch(request.request_id):
-        raise InvalidRequest("request_id must be 1-128 printable ASCII characters")
-    if looks_like_card_number(request.request_id) or looks_like_card_number(request.card_ref):
-        # Ids are stored and echoed in clear (audit, statuses): never with a card number in them.
-        raise InvalidRequest("request_id and card_ref must not contain a card number")
-    if not _ID.fullmatch(request.card_ref):
-        raise InvalidRequest("card_ref is missing or malformed", request_id=request.request_id)
+    # relay.ids: the rules the gateway applies too; ids are stored and echoed in clear.
+    check_request_id(request.request_id)
+    check_card_ref(request.card_ref, request_id=request.request_id)
     if not request.capture_context:
         raise InvalidRequest("capture_context is missing", request_id=request.request_id)
 

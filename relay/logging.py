@@ -36,7 +36,6 @@ from relay.secrets import Secret
 __all__ = [
     "REDACTED",
     "configure_logging",
-    "looks_like_card_number",
     "scrub_card_data",
     "scrub_text",
 ]
@@ -87,17 +86,6 @@ _SECURITY_CODE_KEYS: Final = frozenset(
 _MASKED_TYPES: Final = (Pan, SecurityCode, Secret, CardData)
 
 _WRITE_LOCK: Final = threading.Lock()
-
-
-def looks_like_card_number(text: str) -> bool:
-    """Whether text holds a Luhn-valid run of 13 to 19 digits, whatever separates the digits.
-
-    Ids (card_ref, request_id, merchant id) are shown in clear everywhere, so one that carries
-    a card number, from swapped columns or a careless caller, is refused rather than stored.
-    Every non-digit is dropped first, so `4111.1111.1111.1111` or `4111_1111...` count too.
-    """
-    digits = "".join(char for char in text if "0" <= char <= "9")
-    return len(digits) >= 13 and scrub_text(digits) != digits
 
 
 def scrub_text(text: str) -> str:

@@ -39,6 +39,7 @@ import dataclasses
 from typing import Final, Protocol
 
 from relay.errors import InvalidRequest, Unavailable
+from relay.ids import MAX_LENGTH, check_request_id
 
 __all__ = [
     "MAX_REQUEST_ID_LENGTH",
@@ -50,9 +51,8 @@ __all__ = [
     "used_for_another_card",
 ]
 
-MAX_REQUEST_ID_LENGTH: Final = 512
-"""Generous for any caller's id, and small enough for a PostgreSQL index key and a NOTIFY
-payload (8000 bytes) even at four bytes a character."""
+MAX_REQUEST_ID_LENGTH: Final = MAX_LENGTH["request_id"]
+"""relay.ids' limit: small enough for a PostgreSQL index key and a NOTIFY payload."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,12 +151,6 @@ class Ledger(Protocol):
     async def close(self) -> None:
         """Release what the ledger holds (connections, waiters)."""
         ...
-
-
-def check_request_id(request_id: str) -> None:
-    """Refuse an empty or oversized request_id before it reaches storage."""
-    if not 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH:
-        raise InvalidRequest(f"request_id must be 1 to {MAX_REQUEST_ID_LENGTH} characters")
 
 
 def used_for_another_card(request_id: str) -> InvalidRequest:

@@ -3,8 +3,8 @@
 Layout (STYLE section 1): `vault.py` the facade (`open_vault`, `CardVault`), `store.py` the
 storage interface and row types with `sqlite.py` and `postgres.py` implementing it and
 `migrations.py` their schemas, `envelope.py` the envelope encryption (the only module that
-reveals card data), `kek.py` the KEK keyring, `audit.py` the hash chain, `ids.py` the id rules,
-`errors.py` the vault's errors.
+reveals card data), `kek.py` the KEK keyring, `audit.py` the hash chain, `errors.py` the
+vault's errors. The id rules are `relay.ids`, shared with both sides.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pci_side.vault.errors import (
     VaultStorageError,
     VaultUnavailable,
 )
-from pci_side.vault.ids import check_card_ref, check_merchant_id, is_valid_id
 from pci_side.vault.kek import (
     FileKeyProvider,
     KeyProvider,
@@ -60,9 +59,6 @@ __all__ = [
     "VaultStorageError",
     "VaultUnavailable",
     "append_version",
-    "check_card_ref",
-    "check_merchant_id",
     "create_keyring",
-    "is_valid_id",
     "open_vault",
 ]

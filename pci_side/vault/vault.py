@@ -29,7 +29,6 @@ from pci_side.vault.audit import (
 )
 from pci_side.vault.envelope import open_card, rewrap_dek, seal_card
 from pci_side.vault.errors import VaultIntegrityError
-from pci_side.vault.ids import check_card_ref, check_merchant_id
 from pci_side.vault.kek import FileKeyProvider, KeyProvider, Keyring
 from pci_side.vault.postgres import PostgresStore
 from pci_side.vault.sqlite import SQLiteStore
@@ -37,6 +36,7 @@ from pci_side.vault.store import CardSummary, ImportItem, Rewrap, Store
 from relay.cards import CardData
 from relay.config import VaultConfig
 from relay.errors import CardNotFound, ConfigError, InvalidCardData, NotGranted
+from relay.ids import check_card_ref, check_merchant_id
 from relay.secrets import Secret
 
 __all__ = [
@@ -70,7 +70,7 @@ class NewCard:
     merchants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        """Check the ids (InvalidCardData names the field, never the value)."""
+        """Check the ids (InvalidRequest names the kind, never the value) and the card."""
         check_card_ref(self.card_ref)
         if not isinstance(self.card, CardData):
             raise InvalidCardData("card must be a CardData", card_ref=self.card_ref)
@@ -241,6 +241,28 @@ class CardVault:
         if not verdict.ok:
             _log.error("vault_audit_broken", first_broken=verdict.first_broken)
         return verdict
+
+    async def unfinished_attempts(self, *, batch_size: int = 1000) -> list[StoredAuditEntry]:
+        """The `started` records with no outcome after them: attempts a crash cut short.
+
+        Their card may have reached Flex; no token was handed back for them.
+        """
+        # An outcome closes the latest open attempt of its request under its context; a repeat
+        # after a crash is a new attempt, so the crashed one stays open.
+        open_attempts: dict[tuple[str, str, str], list[StoredAuditEntry]] = {}
+        seq = 0
+        while rows := await self._store.audit_after(seq, batch_size):
+            for row in rows:
+                entry = row.entry
+                key = (entry.merchant_id, entry.request_id, entry.cc_jti)
+                if entry.outcome == "started":
+                    open_attempts.setdefault(key, []).append(row)
+                elif entry.outcome in {"success", "failure"} and open_attempts.get(key):
+                    open_attempts[key].pop()
+            seq = rows[-1].seq
+        return sorted(
+            (row for rows in open_attempts.values() for row in rows), key=lambda row: row.seq
+        )
 
     async def audit_entries(self, *, limit: int = 100) -> list[StoredAuditEntry]:
         """The newest entries, newest first."""

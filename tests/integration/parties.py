@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -99,6 +100,17 @@ class Parties:
         settings = VaultSettings.from_env(self.env)
         async with await open_vault(settings.vault) as vault:
             return await vault.unfinished_attempts()
+
+    async def cards(self, *args: str) -> tuple[int, str]:
+        """Run `relay cards ARGS` against the vault; its exit code and stdout."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay.cli", "cards", *args,
+            env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await process.communicate()
+        assert_no_test_pans(out.decode() + err.decode(), "relay cards output")
+        assert process.returncode is not None
+        return process.returncode, out.decode()
 
     async def stop_all(self) -> None:
         """SIGTERM every child still running; check that nothing printed a test PAN."""

@@ -281,7 +281,7 @@ def test_a_card_number_is_refused_as_an_id_argument(sqlite_vault: Vault) -> None
     """An id argument that is a card number is a usage error, and argparse does not echo it."""
     result = sqlite_vault.relay("cards", "grant", VISA, "m1")
     assert 2 == result.returncode
-    assert "argument CARD_REF: looks like a card number, not an id" in result.stderr
+    assert "argument CARD_REF: card_ref must not contain a card number" in result.stderr
 
 
 async def test_rotate_key_generate_moves_every_card_to_a_new_version(any_vault: Vault) -> None:

@@ -8,6 +8,7 @@ the token a caller finally got is the one recorded there.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -120,8 +121,14 @@ async def test_pci_killed_after_flex_issued_leaves_evidence_and_no_duplicate(
         kill(pci)
         await pci.process.wait()
         issued_to_the_dead = len(sim.events("flexsim_token_issued"))
-        # Every card that reached Flex has its started record, with no outcome.
-        assert len(await parties.unfinished()) >= issued_to_the_dead
+        # Every card that reached Flex has its started record, with no outcome, and the
+        # operator's command lists them (exit 1: there are some).
+        unfinished = await parties.unfinished()
+        assert len(unfinished) >= issued_to_the_dead
+        code, listed = await parties.cards("audit", "unfinished")
+        expected = [(1, row.entry.request_id, row.entry.cc_jti) for row in unfinished]
+        lines = [json.loads(line) for line in listed.splitlines()]
+        assert expected == [(code, line["request_id"], line["cc_jti"]) for line in lines]
         await parties.start_pci(port=port)
         assert grpc.StatusCode.OK == await bulk.finish()
         assert {""} == set(bulk.reasons())

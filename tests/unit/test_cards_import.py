@@ -83,7 +83,11 @@ def test_spaced_and_dashed_pans_are_accepted(pan: str) -> None:
     assert cards.Pan(pan.replace(" ", "").replace("-", "")) == row.card.pan
 
 
-ID_RULE = "1 to 64 of A-Z a-z 0-9 _ . : -"
+ID_RULE = "1-64 characters of A-Z a-z 0-9 _ . : -"
+NO_CARD_NUMBER = (
+    "must not contain a card number: use an opaque id such as a UUID or ULID,"
+    " or break long digit runs with a letter"
+)
 TYPE_RULE = "type must be a three-digit Cybersource card type code"
 CVV_RULE = "cvv must be a string of 3 or 4 digits"
 
@@ -100,7 +104,7 @@ BAD_CSV_ROWS = {
     "missing_card_ref": (f",{VISA},12,2030,,,", "missing card_ref"),
     "bad_card_ref": (f"card 1!,{VISA},12,2030,,,", f"card_ref must be {ID_RULE}"),
     "long_card_ref": (f"{'r' * 65},{VISA},12,2030,,,", f"card_ref must be {ID_RULE}"),
-    "pan_as_card_ref": (f"{VISA},{VISA},12,2030,,,", "card_ref looks like a card number"),
+    "pan_as_card_ref": (f"{VISA},{VISA},12,2030,,,", f"card_ref {NO_CARD_NUMBER}"),
     "luhn": (card_line(NOT_LUHN), "pan fails the Luhn check"),
     "pan_letters": (card_line(VISA[:-1] + "a"), "pan must be digits (spaces and dashes allowed)"),
     "pan_short": (card_line(VISA[:12]), "pan must be 13 to 19 digits, found 12"),
@@ -116,7 +120,21 @@ BAD_CSV_ROWS = {
     "cvv_letters": (card_line(rest="12a,,"), CVV_RULE),
     "type_word": (card_line(rest=",visa,"), TYPE_RULE),
     "type_2_digits": (card_line(rest=",01,"), TYPE_RULE),
-    "bad_merchant": (card_line(rest=",,m1;m/2"), f"merchants: entry 2 is not {ID_RULE}"),
+    "bad_merchant": (
+        card_line(rest=",,m1;m/2"),
+        f"merchants: entry 2: merchant_id must be {ID_RULE}",
+    ),
+    "pan_as_merchant": (
+        card_line(rest=f",,m1;{VISA}"),
+        f"merchants: entry 2: merchant_id {NO_CARD_NUMBER}",
+    ),
+    "two_merchant_problems": (
+        card_line(rest=f",,{VISA};m/2;m1;m/4"),
+        (
+            f"merchants: entry 1: merchant_id {NO_CARD_NUMBER}; "
+            f"merchants: entries 2, 4: merchant_id must be {ID_RULE}"
+        ),
+    ),
     "two_problems": (
         card_line(NOT_LUHN, rest=f"{CVV[:2]},,"),
         f"pan fails the Luhn check; {CVV_RULE}",
@@ -260,7 +278,7 @@ BAD_JSON_LINES = {
     "merchants_object": (card_json(merchants={"m": 1}), "merchants must be a list or a string"),
     "merchant_number": (
         card_json(merchants=["m1", 7, "m 3"]),
-        f"merchants: entries 2, 3 are not {ID_RULE}",
+        f"merchants: entries 2, 3: merchant_id must be {ID_RULE}",
     ),
 }
 

@@ -12,7 +12,7 @@ from pci_side.vault import CardVault, NewCard, open_vault
 from relay import cards
 from relay.cards import CardData, Pan, SecurityCode
 from relay.config import VaultConfig
-from relay.errors import CardNotFound, InvalidCardData, NotGranted
+from relay.errors import CardNotFound, InvalidRequest, NotGranted
 from tests.cards_testdata import TEST_CARDS, CardVector, find_test_pans
 
 VISA, AMEX, DISCOVER = TEST_CARDS[0], TEST_CARDS[6], TEST_CARDS[8]
@@ -119,7 +119,7 @@ async def test_grant_of_unknown_card_raises_card_not_found(vault: CardVault) -> 
 async def test_grant_refuses_a_malformed_merchant_id(vault: CardVault) -> None:
     """A merchant id outside the id alphabet is refused before anything is written."""
     await vault.import_cards([NewCard("visa-1", card_of(VISA))])
-    with pytest.raises(InvalidCardData) as info:
+    with pytest.raises(InvalidRequest) as info:
         await vault.grant("visa-1", "m 1")
     assert "merchant_id must be 1-64 characters of A-Z a-z 0-9 _ . : -" == str(info.value)
 
@@ -127,7 +127,7 @@ async def test_grant_refuses_a_malformed_merchant_id(vault: CardVault) -> None:
 @pytest.mark.parametrize("card_ref", ["", "x" * 65, "a b", "a\n", "caf\u00e9", "a/b", "a'b"])
 def test_new_card_refuses_a_malformed_card_ref(card_ref: str) -> None:
     """card_ref must be 1-64 characters of A-Z a-z 0-9 _ . : -, and the error never echoes it."""
-    with pytest.raises(InvalidCardData) as info:
+    with pytest.raises(InvalidRequest) as info:
         NewCard(card_ref, card_of(VISA))
     assert "card_ref must be 1-64 characters of A-Z a-z 0-9 _ . : -" == str(info.value)
 
