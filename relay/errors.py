@@ -14,7 +14,7 @@ RelayError                       INTERNAL             INTERNAL
  +- RateLimited                  RESOURCE_EXHAUSTED   RATE_LIMITED
  +- InvalidRequest               INVALID_ARGUMENT     INVALID_REQUEST (malformed ids or fields)
  +- DeadlineExceeded             DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
- +- Withdrawn                    CANCELLED            WITHDRAWN (dropped unsent at the caller's word)
+ +- Withdrawn                    CANCELLED            WITHDRAWN (dropped unsent, on request)
  +- Unavailable                  UNAVAILABLE          UNAVAILABLE (a peer relay service; retryable)
  |   +- OutcomeUnknown           UNAVAILABLE          OUTCOME_UNKNOWN (sent, no answer yet; resend)
  +- FlexError                    INTERNAL             FLEX_ERROR
