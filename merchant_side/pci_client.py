@@ -178,8 +178,9 @@ class PciStream:
             async with asyncio.timeout(within):
                 return await asyncio.shield(future)
         except TimeoutError:
-            self._discard(request_id, future)
             raise OutcomeUnknown("PciRelay did not answer in time", request_id=request_id) from None
+        finally:
+            self._discard(request_id, future)  # answered, given up on, or its waiter cancelled
 
     async def _write_withdrawal(self, request_id: str) -> None:
         async with self._lock:

@@ -145,6 +145,10 @@ class SlowLink:
                 await asyncio.sleep(self._delay)
             with contextlib.suppress(OSError):
                 await self._relay(reader, writer)
+        except asyncio.CancelledError:
+            # close() cut it. Ending normally: Python 3.11's start_server callback calls
+            # exception() on the handler task, which raises (and logs an error) if it was cancelled.
+            pass
         finally:
             writer.close()
             with contextlib.suppress(OSError):
