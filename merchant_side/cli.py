@@ -89,7 +89,7 @@ async def running(config: MerchantConfig) -> AsyncIterator[Served]:
             finally:
                 purger.cancel()
                 await served.close()
-                await gateway.wait_idle()
+                await gateway.wait_idle(config.server.drain_seconds)
     finally:
         await ledger.close()
 

@@ -117,6 +117,11 @@ class Gateway:
         self._pacing = pacing if pacing is not None else Pacing()
         self._work: set[asyncio.Task[Any]] = set()
 
+    @property
+    def default_deadline(self) -> float:
+        """Seconds a request may take when its caller set no deadline."""
+        return self._config.default_deadline
+
     async def create_session(self, fields: Sequence[FieldSpec] = ()) -> CaptureContext:
         """A fresh capture context for these fields (default: number + optional card fields)."""
         spec = validate_fields(fields or DEFAULT_FIELDS)
@@ -170,9 +175,17 @@ class Gateway:
         task.add_done_callback(_seen)
         return task
 
-    async def wait_idle(self) -> None:
-        """Wait until every detached piece of work has ended (at shutdown, after the drain)."""
-        while self._work:
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait (at shutdown, after the drain) for detached work, then cancel what is left.
+
+        Work cancelled with a request in flight at PciRelay leaves its claim, with its capture
+        context, to a retry (see _release), so stopping never costs a second tokenization.
+        """
+        if self._work:
+            await asyncio.wait(set(self._work), timeout=timeout)
+        for task in list(self._work):
+            task.cancel()
+        if self._work:
             await asyncio.wait(set(self._work))
 
     def _caller_left(self, job: _Job) -> None:
@@ -232,8 +245,6 @@ class Gateway:
                 return await self._attempt(job, ctx)
             except CaptureContextExpired as exc:
                 ctx, last = None, exc
-            except OutcomeUnknown as exc:
-                job.unknown, last = True, exc
             except _RECOVERABLE as exc:
                 last = exc
             wait = self._pacing.jitter() * min(MAX_BACKOFF_SECONDS, 0.05 * 2**attempt)
@@ -250,7 +261,16 @@ class Gateway:
             raise DeadlineExceeded("the request's deadline passed")
         if not await self._ledger.note_attempt(request.request_id, ctx.raw):
             raise _LeaseLost
-        token = await job.link.tokenize(request.request_id, ctx.raw, request.card_ref, timeout=left)
+        try:
+            token = await job.link.tokenize(
+                request.request_id, ctx.raw, request.card_ref, timeout=left
+            )
+        except RelayError as exc:
+            job.unknown = job.unknown or isinstance(exc, OutcomeUnknown)
+            raise
+        except BaseException:
+            job.unknown = True  # stopped while PciRelay had it: its outcome is not ours to know
+            raise
         return self._record(request, token, ctx)
 
     async def _reusable(self, previous: str | None) -> CaptureContext | None:

@@ -66,7 +66,7 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
 
     @rpc.stream
     async def RequestTokens(  # noqa: N802
-        self, requests: AsyncIterator[merchant_gateway_pb2.TokenRequest], _context: Context
+        self, requests: AsyncIterator[merchant_gateway_pb2.TokenRequest], context: Context
     ) -> AsyncIterator[merchant_gateway_pb2.TokenResult]:
         """Bulk: results stream back as each finishes, each a token or a per-item error."""
         stream = self._pci.stream()
@@ -76,7 +76,12 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
         ) -> merchant_gateway_pb2.TokenResult:
             if self._draining.is_set():
                 return _error(request, Unavailable("the gateway is draining: send this again"))
-            return await self._one_of_many(stream, request)
+            # An item's deadline: the default, or what is left of the stream's, if less.
+            remaining = context.time_remaining()
+            deadline = self._gateway.default_deadline
+            if remaining is not None:
+                deadline = min(deadline, remaining)
+            return await self._one_of_many(stream, request, deadline)
 
         try:
             async for result in bounded_map(requests, work, concurrency=self._bulk_concurrency):
@@ -93,10 +98,10 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
         return _result(await self._gateway.get_token(request.request_id))
 
     async def _one_of_many(
-        self, stream: PciStream, request: merchant_gateway_pb2.TokenRequest
+        self, stream: PciStream, request: merchant_gateway_pb2.TokenRequest, deadline: float
     ) -> merchant_gateway_pb2.TokenResult:
         try:
-            record = await self._gateway.request_token(_domain(request), stream, deadline=None)
+            record = await self._gateway.request_token(_domain(request), stream, deadline=deadline)
         except RelayError as exc:
             return _error(request, exc)
         except Exception:  # noqa: BLE001  one bad item must not end the stream

@@ -92,7 +92,7 @@ class PciRelayService(pci_relay_pb2_grpc.PciRelayServicer):
             del items[request.request_id]
             return _error(request.request_id, _withdrawn(request))
         try:
-            domain = _domain(request, _send_by(request, None))
+            domain = _domain(request, item.send_by)
             item.task = asyncio.create_task(
                 self._tokenizer.tokenize(merchant, domain, item.progress)
             )
@@ -116,6 +116,8 @@ class _Item:
     """An item on a stream, which its sender may withdraw until it is sent to Flex."""
 
     request: pci_relay_pb2.PciTokenizeRequest
+    send_by: float | None
+    """Counted from the item's arrival, not from when a slot of the stream frees up for it."""
     progress: Progress = dataclasses.field(default_factory=Progress)
     task: asyncio.Task[IssuedToken] | None = None
     withdrawn: bool = False
@@ -134,7 +136,8 @@ async def _withdrawing(
     """The stream's items, registered as they arrive; withdrawals are acted on here."""
     async for request in requests:
         if not request.withdraw:
-            items.setdefault(request.request_id, _Item(request))
+            if request.request_id not in items:
+                items[request.request_id] = _Item(request, _send_by(request, None))
             yield request
         elif (item := items.get(request.request_id)) is not None:
             item.withdraw()

@@ -132,3 +132,21 @@ async def test_a_withdrawn_item_is_answered_withdrawn_and_never_sent(
     steps = [(e.outcome, e.reason) for e in await outcomes(rig.vault, queued.request_id)]
     assert set(steps) <= {("started", ""), ("failure", "WITHDRAWN")}
     assert ("failure", "WITHDRAWN") in steps or not steps
+
+
+async def test_an_items_timeout_counts_from_its_arrival_not_its_turn(
+    make_pci_rig: MakePciRig, slow_tokens
+):
+    """Behind a slow item on a one-at-a-time stream, a short timeout runs out while it waits."""
+    rig = await make_pci_rig(slow_tokens, stream_concurrency=1)
+    (raw_busy, _), (raw_short, _) = await rig.contexts(2)
+    busy = rig.request(VISA.card_ref, raw_busy)
+    short = with_timeout(rig.request(VISA.card_ref, raw_short), SLOW_MS / 10000)
+    feed = Feed()
+    for item in (busy, short, None):
+        feed.queue.put_nowait(item)
+    answers = {result.request_id: result async for result in rig.stub().TokenizeStream(feed)}
+    assert "token" == answers[busy.request_id].WhichOneof("outcome")
+    assert "DEADLINE_EXCEEDED" == answers[short.request_id].error.reason
+    expected = [entry(short.request_id, "failure", "DEADLINE_EXCEEDED")]
+    assert expected == await outcomes(rig.vault, short.request_id)
