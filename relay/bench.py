@@ -14,10 +14,12 @@ import argparse
 import asyncio
 import base64
 import collections
+import os
 import secrets
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.cards import CardData, Pan, SecurityCode, luhn_ok
@@ -64,6 +66,7 @@ async def bench_e2e(requests: int, sequential: int, pool_size: int) -> int:
             stub = merchant_gateway_pb2_grpc.MerchantGatewayStub(channel)  # type: ignore[no-untyped-call]
             refs = stack.card_refs
             latencies: list[float] = []
+            cpu = _CPU(stack.pids)
             started = time.perf_counter()
             for index in range(sequential):
                 request = merchant_gateway_pb2.TokenRequest(
@@ -73,8 +76,39 @@ async def bench_e2e(requests: int, sequential: int, pool_size: int) -> int:
                 await stub.RequestToken(request, timeout=30)
                 latencies.append((time.perf_counter() - call_started) * 1000)
             _report_e2e("sequential RequestToken", latencies, time.perf_counter() - started)
+            cpu.report(sequential)
+            cpu = _CPU(stack.pids)
             await _bulk(stub, refs, requests)
+            cpu.report(requests)
     return 0
+
+
+class _CPU:
+    """CPU time each child process spent since this reading, per token (Linux /proc)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._start = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+
+    def report(self, tokens: int) -> None:
+        parts = []
+        for name, pid in self._pids.items():
+            before, after = self._start[name], _cpu_seconds(pid)
+            if before is None or after is None or tokens == 0:
+                parts.append(f"{name} n/a")
+            else:
+                parts.append(f"{name} {(after - before) / tokens * 1e6:,.0f} us")
+        print("  CPU per token: " + ", ".join(parts))  # noqa: T201
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU seconds of a process and its threads, from /proc (else None)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _bulk(stub: Any, refs: list[str], count: int) -> None:  # noqa: ANN401

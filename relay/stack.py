@@ -50,6 +50,8 @@ class LocalStack:
     ca_file: Path
     app_cert_file: Path
     app_key_file: Path
+    pids: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The process id of each child by name ("flexsim", "pci", "merchant"), for CPU readings."""
 
     def gateway_channel(self) -> grpc.aio.Channel:
         """A mutually authenticated channel to the gateway, as a merchant app (demo-app)."""
@@ -79,7 +81,8 @@ async def local_stack(
     with tempfile.TemporaryDirectory(prefix="relay-stack-") as tmp:
         files = _write_secrets(Path(tmp), real)
         async with contextlib.AsyncExitStack() as children:
-            flex_url = real.base_url if real else await _simulator(children, files, pool_size)
+            pids: dict[str, int] = {}
+            flex_url = real.base_url if real else await _simulator(children, files, pool_size, pids)
             env = _env(files, flex_url)
             if real is not None and flex_origins:
                 env["RELAY_FLEX_ALLOWED_ORIGINS"] = flex_origins
@@ -88,7 +91,8 @@ async def local_stack(
             pci = await _start(
                 children, "pci", ["pci", "serve", "--port", "0"], env, "pci_listening"
             )
-            env["RELAY_MERCHANT_PCI_TARGET"] = f"127.0.0.1:{pci['port']}"
+            pids["pci"] = pci.process.pid
+            env["RELAY_MERCHANT_PCI_TARGET"] = f"127.0.0.1:{pci.ready.result()['port']}"
             gateway = await _start(
                 children,
                 "merchant",
@@ -96,12 +100,14 @@ async def local_stack(
                 env,
                 "merchant_listening",
             )
+            pids["merchant"] = gateway.process.pid
             yield LocalStack(
-                gateway_port=int(str(gateway["port"])),
+                gateway_port=int(str(gateway.ready.result()["port"])),
                 card_refs=card_refs,
                 ca_file=Path(files["ca"]),
                 app_cert_file=Path(files["app_cert"]),
                 app_key_file=Path(files["app_key"]),
+                pids=pids,
             )
 
 
@@ -164,13 +170,14 @@ def _env(files: dict[str, str], flex_url: str) -> dict[str, str]:
 
 
 async def _simulator(
-    children: contextlib.AsyncExitStack, files: dict[str, str], pool_size: int
+    children: contextlib.AsyncExitStack, files: dict[str, str], pool_size: int, pids: dict[str, int]
 ) -> str:
     args = ["flexsim", "serve", "--port", "0", "--merchant-id", files["merchant_id"],
             "--key-id", files["key_id"], "--shared-secret-file", files["shared_secret"],
             "--pool-size", str(pool_size)]  # fmt: skip
-    ready = await _start(children, "flexsim", args, dict(os.environ), "flexsim_listening")
-    return str(ready["url"])
+    child = await _start(children, "flexsim", args, dict(os.environ), "flexsim_listening")
+    pids["flexsim"] = child.process.pid
+    return str(child.ready.result()["url"])
 
 
 async def _start(
@@ -179,10 +186,10 @@ async def _start(
     args: list[str],
     env: dict[str, str],
     event: str,
-) -> dict[str, object]:
+) -> Child:
     child = await Child.start(name, args, ready_event=event, env=env)
     children.push_async_callback(child.stop)
-    return child.ready.result()
+    return child
 
 
 async def _seed(env: dict[str, str]) -> list[str]:
