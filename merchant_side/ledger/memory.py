@@ -24,6 +24,8 @@ from merchant_side.ledger.model import (
     TokenRecord,
     check_request_id,
     held_elsewhere,
+    is_free,
+    keeps_out,
     used_for_another_card,
 )
 
@@ -44,14 +46,11 @@ class _Entry:
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def free_at(self, now: float) -> bool:
-        if self.record is None:
-            return self.lease_until <= now
-        return not self.record.live_at(now)
+        return is_free(self.record, self.lease_until, now)
 
     def keeps_out(self, card_ref: str, now: float) -> bool:
         """Whether a record for card_ref may not replace this entry."""
-        live = not self.free_at(now)
-        return live and (self.record is not None or self.card_ref != card_ref)
+        return keeps_out(self.record, self.lease_until, self.card_ref, card_ref, now)
 
 
 class MemoryLedger:

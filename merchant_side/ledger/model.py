@@ -48,6 +48,8 @@ __all__ = [
     "TokenRecord",
     "check_request_id",
     "held_elsewhere",
+    "is_free",
+    "keeps_out",
     "used_for_another_card",
 ]
 
@@ -151,6 +153,21 @@ class Ledger(Protocol):
     async def close(self) -> None:
         """Release what the ledger holds (connections, waiters)."""
         ...
+
+
+def is_free(record: TokenRecord | None, lease_until: float, now: float) -> bool:
+    """Whether an entry may be claimed: a lapsed lease, or an expired token."""
+    if record is None:
+        return lease_until <= now
+    return not record.live_at(now)
+
+
+def keeps_out(
+    record: TokenRecord | None, lease_until: float, held_for: str, card_ref: str, now: float
+) -> bool:
+    """Whether a record for card_ref may not replace an entry held for the card held_for."""
+    live = not is_free(record, lease_until, now)
+    return live and (record is not None or held_for != card_ref)
 
 
 def used_for_another_card(request_id: str) -> InvalidRequest:

@@ -47,8 +47,11 @@ from merchant_side.ledger.model import (
     TokenRecord,
     check_request_id,
     held_elsewhere,
+    is_free,
+    keeps_out,
     used_for_another_card,
 )
+from relay import sqlitedb
 from relay.errors import ConfigError, RelayError, Unavailable
 
 __all__ = ["MIGRATIONS", "URL_PREFIX", "SQLiteLedger", "sqlite_path"]
@@ -56,7 +59,7 @@ __all__ = ["MIGRATIONS", "URL_PREFIX", "SQLiteLedger", "sqlite_path"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-URL_PREFIX: Final = "sqlite:///"
+URL_PREFIX: Final = sqlitedb.URL_PREFIX
 """The card vault's convention: `sqlite:///relative.db`, `sqlite:////absolute/ledger.db`."""
 
 _log = structlog.get_logger("merchant_side.ledger")
@@ -118,11 +121,8 @@ _PURGE: Final = (
 
 
 def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db` -> `relative.db`; `sqlite:////abs/ledger.db` -> `/abs/ledger.db`."""
-    path = url.removeprefix(URL_PREFIX)
-    if not url.startswith(URL_PREFIX) or path in {"", ":memory:"}:
-        raise ConfigError(["RELAY_MERCHANT_LEDGER_URL must be sqlite:///PATH for a SQLite file"])
-    return path
+    """The file a RELAY_MERCHANT_LEDGER_URL names (relay.sqlitedb's convention)."""
+    return sqlitedb.sqlite_path(url, "RELAY_MERCHANT_LEDGER_URL")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,14 +136,11 @@ class _Row:
     record: TokenRecord | None
 
     def free_at(self, now: float) -> bool:
-        if self.record is None:
-            return self.lease_until <= now
-        return not self.record.live_at(now)
+        return is_free(self.record, self.lease_until, now)
 
     def keeps_out(self, card_ref: str, now: float) -> bool:
-        """Whether a record for card_ref may not replace this row (memory.py's rule)."""
-        live = not self.free_at(now)
-        return live and (self.record is not None or self.card_ref != card_ref)
+        """Whether a record for card_ref may not replace this row."""
+        return keeps_out(self.record, self.lease_until, self.card_ref, card_ref, now)
 
 
 class _Waiters:
@@ -373,20 +370,8 @@ def _close(connection: sqlite3.Connection, lock: int) -> None:
         os.close(lock)
 
 
-@contextlib.contextmanager
-def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-
-
 def _migrate(connection: sqlite3.Connection, applied_at: str) -> None:
-    with _transaction(connection):
+    with sqlitedb.transaction(connection):
         connection.execute(
             "CREATE TABLE IF NOT EXISTS token_ledger_schema "
             "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT"
@@ -423,7 +408,7 @@ def _claim(
     connection: sqlite3.Connection, lease: dict[str, object], now: float
 ) -> tuple[bool, _Row | None]:
     """(whether the lease on lease["request_id"] is now ours, the row as it was before)."""
-    with _transaction(connection):
+    with sqlitedb.transaction(connection):
         row = _read(connection, str(lease["request_id"]))
         if row is not None and not row.free_at(now):
             return False, row
@@ -432,7 +417,7 @@ def _claim(
 
 
 def _complete(connection: sqlite3.Connection, record: TokenRecord, now: float) -> bool:
-    with _transaction(connection):
+    with sqlitedb.transaction(connection):
         row = _read(connection, record.request_id)
         if row is not None and row.keeps_out(record.card_ref, now):
             # The first live record is the answer every duplicate already got: keep it.

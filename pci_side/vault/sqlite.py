@@ -22,7 +22,7 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
@@ -40,6 +40,7 @@ from pci_side.vault.store import (
     WrappedDek,
     plan_import,
 )
+from relay import sqlitedb
 from relay.errors import ConfigError
 
 __all__ = ["SQLiteStore", "sqlite_path"]
@@ -47,7 +48,6 @@ __all__ = ["SQLiteStore", "sqlite_path"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
-URL_PREFIX: Final = "sqlite:///"
 BUSY_TIMEOUT_MS: Final = 10_000
 
 _INSERT_CARD: Final = (
@@ -67,10 +67,8 @@ _SUMMARY_COLUMNS: Final = (
 
 
 def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db` -> `relative.db`; `sqlite:////abs/vault.db` -> `/abs/vault.db`."""
-    if not url.startswith(URL_PREFIX) or len(url) == len(URL_PREFIX):
-        raise ConfigError(["RELAY_VAULT_URL must be sqlite:///PATH for the SQLite backend"])
-    return url[len(URL_PREFIX) :]
+    """The file a RELAY_VAULT_URL names (relay.sqlitedb's convention)."""
+    return sqlitedb.sqlite_path(url, "RELAY_VAULT_URL")
 
 
 class SQLiteStore:
@@ -193,20 +191,8 @@ def _connect(path: str) -> sqlite3.Connection:
     return connection
 
 
-@contextlib.contextmanager
-def _transaction(connection: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
-    connection.execute(f"BEGIN {mode}")
-    try:
-        yield
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-
-
 def _migrate(connection: sqlite3.Connection, now: dt.datetime) -> None:
-    with _transaction(connection):
+    with sqlitedb.transaction(connection):
         connection.execute(
             "CREATE TABLE IF NOT EXISTS schema_version "
             "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT"
@@ -228,7 +214,7 @@ def _migrate(connection: sqlite3.Connection, now: dt.datetime) -> None:
 def _import_cards(
     connection: sqlite3.Connection, items: Sequence[ImportItem], stamp: str
 ) -> list[str]:
-    with _transaction(connection):
+    with sqlitedb.transaction(connection):
         refs = json.dumps([item.row.card_ref for item in items])
         fingerprints = json.dumps([item.row.fingerprint for item in items])
         found = connection.execute(
@@ -298,7 +284,7 @@ def _remove_grant(connection: sqlite3.Connection, card_ref: str, merchant_id: st
 
 
 def _list_cards(connection: sqlite3.Connection, limit: int, after: str) -> list[CardSummary]:
-    with _transaction(connection, "DEFERRED"):
+    with sqlitedb.transaction(connection, "DEFERRED"):
         rows = connection.execute(
             f"SELECT {_SUMMARY_COLUMNS} FROM cards WHERE card_ref > ? "  # noqa: S608 - constants
             "ORDER BY card_ref LIMIT ?",
@@ -351,7 +337,7 @@ def _deks_to_rewrap(
 
 
 def _rewrap(connection: sqlite3.Connection, changes: Sequence[Rewrap], stamp: str) -> int:
-    with _transaction(connection):
+    with sqlitedb.transaction(connection):
         cursor = connection.executemany(
             "UPDATE cards SET wrapped_dek = ?, key_version = ?, updated_at = ? "
             "WHERE card_ref = ? AND key_version = ?",
@@ -368,7 +354,7 @@ def _append_audit(
 ) -> list[StoredAuditEntry]:
     if not entries:
         return []
-    with _transaction(connection):
+    with sqlitedb.transaction(connection):
         seq, head = _audit_head(connection)
         stored = chain(seq, head, entries)
         connection.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])
