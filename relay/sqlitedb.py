@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 from relay.errors import ConfigError
 
-__all__ = ["URL_PREFIX", "sqlite_path", "transaction"]
+__all__ = ["URL_PREFIX", "Migrations", "migrate", "sqlite_path", "transaction"]
 
 URL_PREFIX: Final = "sqlite:///"
+
+Migrations = Sequence[tuple[int, Sequence[str]]]
+"""(version, statements) in order: each version's statements run once, in one transaction."""
 
 
 def sqlite_path(url: str, variable: str) -> str:
@@ -41,3 +44,33 @@ def transaction(connection: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iter
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
+
+
+def migrate(
+    connection: sqlite3.Connection,
+    migrations: Migrations,
+    *,
+    table: str,
+    applied_at: str,
+    newer: str,
+) -> None:
+    """Apply the versions not yet recorded in `table`; ConfigError(newer) if the file is newer.
+
+    table is a constant of the caller's (never input): it is interpolated into the SQL.
+    """
+    with transaction(connection):
+        connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} "
+            "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT"
+        )
+        applied = {row[0] for row in connection.execute(f"SELECT version FROM {table}")}  # noqa: S608
+        if applied - {version for version, _ in migrations}:
+            raise ConfigError([newer])
+        for version, statements in migrations:
+            if version not in applied:
+                for statement in statements:
+                    connection.execute(statement)
+                connection.execute(
+                    f"INSERT INTO {table} (version, applied_at) VALUES (?, ?)",  # noqa: S608
+                    (version, applied_at),
+                )

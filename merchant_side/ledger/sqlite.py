@@ -371,22 +371,13 @@ def _close(connection: sqlite3.Connection, lock: int) -> None:
 
 
 def _migrate(connection: sqlite3.Connection, applied_at: str) -> None:
-    with sqlitedb.transaction(connection):
-        connection.execute(
-            "CREATE TABLE IF NOT EXISTS token_ledger_schema "
-            "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT"
-        )
-        applied = {row[0] for row in connection.execute("SELECT version FROM token_ledger_schema")}
-        if applied - {version for version, _ in MIGRATIONS}:
-            raise ConfigError(["the token ledger's schema is newer than this relay: upgrade"])
-        for version, statements in MIGRATIONS:
-            if version not in applied:
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute(
-                    "INSERT INTO token_ledger_schema (version, applied_at) VALUES (?, ?)",
-                    (version, applied_at),
-                )
+    sqlitedb.migrate(
+        connection,
+        MIGRATIONS,
+        table="token_ledger_schema",
+        applied_at=applied_at,
+        newer="the token ledger's schema is newer than this relay: upgrade",
+    )
 
 
 def _read(connection: sqlite3.Connection, request_id: str) -> _Row | None:

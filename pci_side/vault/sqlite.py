@@ -192,23 +192,13 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 def _migrate(connection: sqlite3.Connection, now: dt.datetime) -> None:
-    with sqlitedb.transaction(connection):
-        connection.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version "
-            "(version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT"
-        )
-        applied = {row[0] for row in connection.execute("SELECT version FROM schema_version")}
-        known = {version for version, _ in SQLITE_MIGRATIONS}
-        if applied - known:
-            raise ConfigError(["the vault's schema is newer than this relay: upgrade the relay"])
-        for version, statements in SQLITE_MIGRATIONS:
-            if version not in applied:
-                for statement in statements:
-                    connection.execute(statement)
-                connection.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                    (version, format_at(now)),
-                )
+    sqlitedb.migrate(
+        connection,
+        SQLITE_MIGRATIONS,
+        table="schema_version",
+        applied_at=format_at(now),
+        newer="the vault's schema is newer than this relay: upgrade the relay",
+    )
 
 
 def _import_cards(

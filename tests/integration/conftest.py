@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -410,3 +411,12 @@ def assert_no_pan_in_error(exc: BaseException, *extra_digits: str) -> None:
     text = "\n\n\n".join(texts)
     assert_no_test_pans(text, "exception text")
     assert [] == [hint for hint in extra_digits if hint in text]
+
+
+@pytest.fixture
+def occupied_port() -> Iterator[int]:
+    """A loopback port a plain socket is bound to and listening on."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -57,15 +55,6 @@ def test_sigint_exits_0(flexsim_factory: StartFlexSim) -> None:
     sim = flexsim_factory()
     assert (0, 1) == (sim.stop(signal.SIGINT), len(sim.events("flexsim_stopped")))
     assert "Traceback" not in sim.output
-
-
-@pytest.fixture
-def occupied_port() -> Iterator[int]:
-    """A loopback port with a listener on it."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        yield listener.getsockname()[1]
 
 
 CONFIG_ERRORS = {

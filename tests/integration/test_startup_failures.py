@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,15 +57,6 @@ def pci_env(pki: tuple[tlsgen.Issued, tlsgen.Issued], tmp_path: Path) -> dict[st
         "RELAY_FLEX_BASE_URL": UNUSED_FLEX_URL,
         **vault_env(vault, tmp_path),
     }
-
-
-@pytest.fixture
-def occupied_port() -> Iterator[int]:
-    """A loopback port a plain socket is bound to and listening on."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        yield listener.getsockname()[1]
 
 
 async def run_to_exit(env: dict[str, str], *args: str) -> tuple[int, list[str]]:
