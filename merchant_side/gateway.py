@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -235,19 +236,19 @@ class Gateway:
 
     async def _attempts(self, job: _Job) -> TokenRecord:
         """Try until a token, a definite refusal, the caller leaving, or the deadline."""
-        ctx = await self._reusable(job.previous_attempt)
+        ctx: CaptureContext | None = None
         last: RelayError
-        for attempt in range(1, 1_000_000):
-            if job.caller_left:
-                raise Withdrawn("the caller left", request_id=job.request.request_id)
+        for attempt in itertools.count(1):
             try:
-                ctx = await self._fresh_enough(ctx, job.request.fields)
+                ctx = await self._context_for(job, ctx)
                 return await self._attempt(job, ctx)
             except CaptureContextExpired as exc:
+                if job.unknown:  # PciRelay keeps no answer for it: only a retry later may know
+                    raise _unknown(job) from None
                 ctx, last = None, exc
             except _RECOVERABLE as exc:
                 last = exc
-            wait = self._pacing.jitter() * min(MAX_BACKOFF_SECONDS, 0.05 * 2**attempt)
+            wait = self._pacing.jitter() * min(MAX_BACKOFF_SECONDS, 0.05 * 2 ** min(attempt, 10))
             if job.caller_left or self._clock() + wait >= job.until - ANSWER_MARGIN_SECONDS:
                 raise _unknown(job) if job.unknown else last
             _log.info("token_retry", reason=last.reason, attempt=attempt)
@@ -261,6 +262,8 @@ class Gateway:
             raise DeadlineExceeded("the request's deadline passed")
         if not await self._ledger.note_attempt(request.request_id, ctx.raw):
             raise _LeaseLost
+        if job.caller_left:  # checked last: nothing goes out for a caller who has left
+            raise Withdrawn("the caller left", request_id=request.request_id)
         try:
             token = await job.link.tokenize(
                 request.request_id, ctx.raw, request.card_ref, timeout=left
@@ -273,21 +276,27 @@ class Gateway:
             raise
         return self._record(request, token, ctx)
 
-    async def _reusable(self, previous: str | None) -> CaptureContext | None:
-        """The context of an earlier, unanswered attempt, if it can still be sent again."""
-        if previous is None:
-            return None
-        try:
-            return await self._flex.verify_capture_context(previous)
-        except CaptureContextInvalid:
-            return None
+    async def _context_for(self, job: _Job, ctx: CaptureContext | None) -> CaptureContext:
+        """The context to send: a live one, or the noted one while its outcome is unknown.
 
-    async def _fresh_enough(
-        self, ctx: CaptureContext | None, fields: Sequence[FieldSpec]
-    ) -> CaptureContext:
+        PciRelay answers a repeat under the noted context with that attempt's result; any other
+        context could tokenize a second time.
+        """
+        if job.caller_left:
+            raise Withdrawn("the caller left", request_id=job.request.request_id)
+        if job.unknown:
+            if ctx is not None:
+                return ctx
+            assert job.previous_attempt is not None  # unknown from the start means taken over
+            try:
+                return await self._flex.verify_capture_context(
+                    job.previous_attempt, ignore_expiry=True
+                )
+            except CaptureContextInvalid:
+                raise _unknown(job) from None
         if ctx is not None and ctx.expires_at - time.time() > MIN_CONTEXT_LIFE_SECONDS:
             return ctx
-        return await self.create_session(fields)
+        return await self.create_session(job.request.fields)
 
     def _record(self, request: TokenRequest, token: PciToken, ctx: CaptureContext) -> TokenRecord:
         verified = self._flex.verify_transient_token(token.transient_token, ctx)

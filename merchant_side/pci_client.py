@@ -131,11 +131,14 @@ class PciStream:
         self._idle.set()
         self._lock = asyncio.Lock()
         self._withdrawals: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def tokenize(
         self, request_id: str, capture_context: str, card_ref: str, *, timeout: float
     ) -> PciToken:
         """See PciLink.tokenize: one item on the stream, and its answer."""
+        if self._closing:  # nothing opens a new call behind close()
+            raise Unavailable("the PciRelay stream is closing", request_id=request_id)
         if request_id in self._pending:
             raise Unavailable(
                 "request_id is already in flight on this stream", request_id=request_id
@@ -163,6 +166,7 @@ class PciStream:
 
     async def close(self) -> None:
         """Wait for every pending answer, then half-close the call and let it end."""
+        self._closing = True
         await self._idle.wait()
         if self._call is not None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -26,7 +26,14 @@ import structlog
 from pci_side.ratelimit import RateLimiter
 from pci_side.releases import Release, ReleaseKey, Releases
 from pci_side.vault import AuditEntry, CardVault
-from relay.errors import DeadlineExceeded, InvalidRequest, NotGranted, RelayError, Withdrawn
+from relay.errors import (
+    CaptureContextExpired,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotGranted,
+    RelayError,
+    Withdrawn,
+)
 from relay.flex.client import FlexClient
 from relay.flex.models import CaptureContext
 from relay.ids import check_card_ref, check_request_id
@@ -133,13 +140,20 @@ class Tokenizer:
         self, merchant_id: str, request: TokenizeRequest, attempt: _Attempt, progress: Progress
     ) -> IssuedToken:
         self._limiter.acquire(merchant_id)
+        key = ReleaseKey(merchant_id, request.request_id, request.card_ref)
         try:
             async with asyncio.timeout_at(request.send_by):
                 ctx = await self._flex.verify_capture_context(request.capture_context)
         except TimeoutError:
             raise _too_late(request) from None
+        except CaptureContextExpired as exc:
+            # Signed and expired: a repeat may still ask for what its attempt released.
+            earlier = self._releases.find(exc.ids.get("jti", ""), key)
+            if earlier is None:
+                raise
+            attempt.entry = dataclasses.replace(attempt.entry, cc_jti=exc.ids["jti"])
+            return await self._replay(attempt, earlier)
         attempt.entry = dataclasses.replace(attempt.entry, cc_jti=ctx.jti)
-        key = ReleaseKey(merchant_id, request.request_id, request.card_ref)
         earlier = self._releases.find(ctx.jti, key)
         if earlier is not None:
             # Not bounded by send_by: nothing new is sent, and the answer is the earlier one's.

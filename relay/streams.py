@@ -60,23 +60,28 @@ async def bounded_map(
 async def take_until(items: AsyncIterator[In], stop: asyncio.Event) -> AsyncIterator[In]:
     """Yield items until stop is set (a drain): the next read is abandoned, not awaited.
 
-    An item already read when stop is set is still yielded, so nothing read goes unanswered.
+    An item already read when stop is set is still yielded, so nothing read goes unanswered. A
+    read still pending when this ends (stop, or its consumer went away) is cancelled, not left
+    behind.
     """
     iterator = aiter(items)
     stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[In] | None = None
     try:
         while not stop.is_set():
             following = asyncio.ensure_future(anext(iterator))
             await asyncio.wait({following, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
-                following.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await following
                 return
             try:
                 item = following.result()
             except StopAsyncIteration:
                 return
+            following = None
             yield item
     finally:
         stopped.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await following

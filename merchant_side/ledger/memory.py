@@ -25,7 +25,9 @@ from merchant_side.ledger.model import (
     check_request_id,
     held_elsewhere,
     is_free,
+    is_purgeable,
     keeps_out,
+    kept_attempt,
     used_for_another_card,
 )
 
@@ -73,11 +75,15 @@ class MemoryLedger:
             now = self._clock()
             entry = self._entries.get(request_id)
             if entry is None or entry.free_at(now):
-                self._replace(request_id, _Entry(card_ref, now + lease_seconds))
-                if entry is None or entry.record is not None:
-                    return Claim(None)
-                _log.warning("ledger_lease_lapsed", request_id=request_id)
-                return Claim(None, entry.attempt)
+                attempt = (
+                    None
+                    if entry is None
+                    else kept_attempt(entry.record, entry.card_ref, entry.attempt, card_ref)
+                )
+                self._replace(request_id, _Entry(card_ref, now + lease_seconds, attempt=attempt))
+                if entry is not None and entry.record is None:
+                    _log.warning("ledger_lease_lapsed", request_id=request_id)
+                return Claim(None, attempt)
             if entry.card_ref != card_ref:
                 raise used_for_another_card(request_id)
             if entry.record is not None:
@@ -150,7 +156,11 @@ class MemoryLedger:
 
     def _purge(self) -> int:
         now = self._clock()
-        expired = [key for key, entry in self._entries.items() if entry.free_at(now)]
+        expired = [
+            key
+            for key, entry in self._entries.items()
+            if is_purgeable(entry.record, entry.lease_until, entry.attempt, now)
+        ]
         for key in expired:
             self._replace(key, None)
         return len(expired)

@@ -43,15 +43,22 @@ from relay.ids import MAX_LENGTH, check_request_id
 
 __all__ = [
     "MAX_REQUEST_ID_LENGTH",
+    "NOTED_ATTEMPT_KEEP_SECONDS",
     "Claim",
     "Ledger",
     "TokenRecord",
     "check_request_id",
     "held_elsewhere",
     "is_free",
+    "is_purgeable",
     "keeps_out",
+    "kept_attempt",
     "used_for_another_card",
 ]
+
+NOTED_ATTEMPT_KEEP_SECONDS: Final = 1800.0
+"""A capture context's 15 minutes plus those of a token issued at its last moment: until then a
+lapsed claim's noted attempt may have a live token that a retry must ask PciRelay about."""
 
 MAX_REQUEST_ID_LENGTH: Final = MAX_LENGTH["request_id"]
 """relay.ids' limit: small enough for a PostgreSQL index key and a NOTIFY payload."""
@@ -160,6 +167,25 @@ def is_free(record: TokenRecord | None, lease_until: float, now: float) -> bool:
     if record is None:
         return lease_until <= now
     return not record.live_at(now)
+
+
+def is_purgeable(
+    record: TokenRecord | None, lease_until: float, attempt: str | None, now: float
+) -> bool:
+    """Whether purge may delete an entry: any free one but a lapsed claim with a noted attempt.
+
+    That one is kept NOTED_ATTEMPT_KEEP_SECONDS past its lease, for a retry to ask about.
+    """
+    if record is None and attempt is not None:
+        return lease_until + NOTED_ATTEMPT_KEEP_SECONDS <= now
+    return is_free(record, lease_until, now)
+
+
+def kept_attempt(
+    record: TokenRecord | None, held_for: str, attempt: str | None, card_ref: str
+) -> str | None:
+    """The noted attempt a takeover for card_ref inherits: a pending claim's, for the same card."""
+    return attempt if record is None and held_for == card_ref else None
 
 
 def keeps_out(

@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from merchant_side.ledger.listener import Listener
 from merchant_side.ledger.model import (
+    NOTED_ATTEMPT_KEEP_SECONDS,
     Claim,
     TokenRecord,
     check_request_id,
@@ -113,18 +114,20 @@ WITH inserted AS (
     ON CONFLICT (request_id) DO NOTHING
     RETURNING 1
 ), locked AS (
-    SELECT request_id, state, attempt_cc FROM token_ledger
+    SELECT request_id, state, card_ref,
+        CASE WHEN state = 'pending' AND card_ref = %(card_ref)s THEN attempt_cc END AS kept
+    FROM token_ledger
     WHERE request_id = %(request_id)s AND {_FREE}
     FOR UPDATE
 ), taken AS (
     UPDATE token_ledger SET card_ref = %(card_ref)s, state = 'pending', lease_owner = %(owner)s,
-        lease_until = %(lease_until)s, attempt_cc = NULL, transient_token = NULL, jti = NULL,
-        expires_at = NULL, masked_pan = NULL, bin = NULL, card_type = NULL
+        lease_until = %(lease_until)s, attempt_cc = locked.kept, transient_token = NULL,
+        jti = NULL, expires_at = NULL, masked_pan = NULL, bin = NULL, card_type = NULL
     FROM locked WHERE token_ledger.request_id = locked.request_id
-    RETURNING locked.state, locked.attempt_cc
+    RETURNING locked.state, locked.kept
 )
 SELECT EXISTS (SELECT 1 FROM inserted) OR EXISTS (SELECT 1 FROM taken),
-    (SELECT state FROM taken), (SELECT attempt_cc FROM taken),
+    (SELECT state FROM taken), (SELECT kept FROM taken),
     found.state, found.card_ref, found.lease_until, {_RECORD_COLUMNS}
 FROM (SELECT 1) AS one LEFT JOIN token_ledger AS found ON found.request_id = %(request_id)s
 """  # noqa: S608 - only constants are interpolated
@@ -161,7 +164,11 @@ _GET: Final = (
 _RENEW: Final = f"UPDATE token_ledger SET lease_until = %(lease_until)s WHERE {_HELD}"  # noqa: S608
 _NOTE_ATTEMPT: Final = f"UPDATE token_ledger SET attempt_cc = %(attempt)s WHERE {_HELD}"  # noqa: S608
 # Waiters on a lapsed lease wake on their own timer, so a purge needs no NOTIFY.
-_PURGE: Final = f"DELETE FROM token_ledger WHERE {_FREE}"  # noqa: S608 - constants
+# model.is_purgeable: a lapsed claim with a noted attempt is kept a while longer.
+_PURGE: Final = (
+    f"DELETE FROM token_ledger WHERE {_FREE} "  # noqa: S608 - constants
+    "AND (attempt_cc IS NULL OR lease_until <= %(now)s - %(keep)s)"
+)
 
 
 class PostgresLedger:
@@ -289,7 +296,9 @@ class PostgresLedger:
     async def purge_expired(self) -> int:
         """See Ledger.purge_expired."""
         async with _translated(), self._pool.connection() as conn:
-            cursor = await conn.execute(_PURGE, {"now": self._clock()})
+            cursor = await conn.execute(
+                _PURGE, {"now": self._clock(), "keep": NOTED_ATTEMPT_KEEP_SECONDS}
+            )
             return cursor.rowcount
 
     async def close(self) -> None:

@@ -43,12 +43,14 @@ from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 import structlog
 
 from merchant_side.ledger.model import (
+    NOTED_ATTEMPT_KEEP_SECONDS,
     Claim,
     TokenRecord,
     check_request_id,
     held_elsewhere,
     is_free,
     keeps_out,
+    kept_attempt,
     used_for_another_card,
 )
 from relay import sqlitedb
@@ -98,10 +100,12 @@ _READ: Final = (
     f"SELECT state, card_ref, lease_until, attempt_cc, {_RECORD_COLUMNS} "  # noqa: S608 - constants
     "FROM token_ledger WHERE request_id = :request_id"
 )
-# REPLACE: the row a claim takes over or a complete overwrites goes whole, attempt and all.
+# REPLACE: the row a claim takes over or a complete overwrites goes whole; a takeover carries
+# the noted attempt over itself (model.kept_attempt), so the next holder still knows it.
 _TAKE: Final = (
-    "INSERT OR REPLACE INTO token_ledger (request_id, card_ref, state, lease_owner, lease_until) "
-    "VALUES (:request_id, :card_ref, 'pending', :owner, :lease_until)"
+    "INSERT OR REPLACE INTO token_ledger "
+    "(request_id, card_ref, state, lease_owner, lease_until, attempt_cc) "
+    "VALUES (:request_id, :card_ref, 'pending', :owner, :lease_until, :attempt)"
 )
 _STORE: Final = (
     "INSERT OR REPLACE INTO token_ledger "  # noqa: S608 - constants
@@ -114,9 +118,12 @@ _HELD: Final = "request_id = :request_id AND state = 'pending' AND lease_owner =
 _ABANDON: Final = f"DELETE FROM token_ledger WHERE {_HELD}"  # noqa: S608 - constants
 _RENEW: Final = f"UPDATE token_ledger SET lease_until = :lease_until WHERE {_HELD}"  # noqa: S608
 _NOTE_ATTEMPT: Final = f"UPDATE token_ledger SET attempt_cc = :attempt WHERE {_HELD}"  # noqa: S608
+# model.is_purgeable: a lapsed claim with a noted attempt is kept a while longer.
 _PURGE: Final = (
     "DELETE FROM token_ledger "
-    "WHERE (state = 'pending' AND lease_until <= :now) OR (state = 'done' AND expires_at <= :now)"
+    "WHERE (state = 'pending' AND attempt_cc IS NULL AND lease_until <= :now) "
+    "OR (state = 'pending' AND lease_until <= :now - :keep) "
+    "OR (state = 'done' AND expires_at <= :now)"
 )
 
 
@@ -225,7 +232,7 @@ class SQLiteLedger:
                 lease = self._held(request_id, card_ref=card_ref, lease_until=now + lease_seconds)
                 owned, row = await self._run(_claim, lease, now)
                 if owned:
-                    return _taken_over(request_id, row)
+                    return _taken_over(request_id, card_ref, row)
                 assert row is not None  # a row we did not take is one we found
                 if row.card_ref != card_ref:
                     raise used_for_another_card(request_id)
@@ -315,11 +322,11 @@ class SQLiteLedger:
                 await changed.wait()
 
 
-def _taken_over(request_id: str, row: _Row | None) -> Claim:
+def _taken_over(request_id: str, card_ref: str, row: _Row | None) -> Claim:
     if row is None or row.record is not None:
         return Claim(None)
     _log.warning("ledger_lease_lapsed", request_id=request_id)
-    return Claim(None, row.attempt)
+    return Claim(None, kept_attempt(row.record, row.card_ref, row.attempt, card_ref))
 
 
 # --- On the ledger's thread ---------------------------------------------------------------------
@@ -403,7 +410,10 @@ def _claim(
         row = _read(connection, str(lease["request_id"]))
         if row is not None and not row.free_at(now):
             return False, row
-        connection.execute(_TAKE, lease)
+        attempt = None
+        if row is not None:
+            attempt = kept_attempt(row.record, row.card_ref, row.attempt, str(lease["card_ref"]))
+        connection.execute(_TAKE, {**lease, "attempt": attempt})
         return True, row
 
 
@@ -423,4 +433,4 @@ def _held_write(connection: sqlite3.Connection, sql: str, params: dict[str, obje
 
 
 def _purge(connection: sqlite3.Connection, now: float) -> int:
-    return connection.execute(_PURGE, {"now": now}).rowcount
+    return connection.execute(_PURGE, {"now": now, "keep": NOTED_ATTEMPT_KEEP_SECONDS}).rowcount

@@ -98,8 +98,13 @@ class FlexClient:
 
         return await self._retrying(attempt)
 
-    async def verify_capture_context(self, unverified_cc: str) -> CaptureContext:
-        """Verify a capture context with the Flex key its kid names; refetch once on rotation."""
+    async def verify_capture_context(
+        self, unverified_cc: str, *, ignore_expiry: bool = False
+    ) -> CaptureContext:
+        """Verify a capture context with the Flex key its kid names; refetch once on rotation.
+
+        ignore_expiry: only for a context of our own sent before, whose answer is asked again.
+        """
         kid = jose.context_kid(unverified_cc)
         if not _SAFE_KID.fullmatch(kid):
             raise CaptureContextInvalid("capture context kid has unexpected characters")
@@ -110,14 +115,14 @@ class FlexClient:
                 "capture context is signed by an unknown key", kid=kid
             ) from None
         try:
-            return self._verify_with(unverified_cc, key)
+            return self._verify_with(unverified_cc, key, ignore_expiry)
         except CaptureContextInvalid:
             if jose.signature_valid(unverified_cc, key):
                 raise
             fresh = await self.keys.refresh(kid)
             if fresh is None or fresh == key:
                 raise
-            return self._verify_with(unverified_cc, fresh)
+            return self._verify_with(unverified_cc, fresh, ignore_expiry)
 
     def encrypt_card(self, ctx: CaptureContext, card: CardData) -> str:
         """The compact JWE of exactly the fields ctx asks for (pci side only)."""
@@ -143,13 +148,16 @@ class FlexClient:
             unverified_tt, ctx, now=self._clock(), leeway=self._config.leeway
         )
 
-    def _verify_with(self, unverified_cc: str, key: Mapping[str, str]) -> CaptureContext:
+    def _verify_with(
+        self, unverified_cc: str, key: Mapping[str, str], ignore_expiry: bool
+    ) -> CaptureContext:
         return jose.verify_capture_context(
             unverified_cc,
             key,
             now=self._clock(),
             allowed_origins=self._config.origins,
             leeway=self._config.leeway,
+            ignore_expiry=ignore_expiry,
         )
 
     async def fetch_public_key(self, kid: str) -> Mapping[str, str] | None:

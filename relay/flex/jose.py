@@ -74,21 +74,26 @@ def context_kid(unverified_cc: str) -> str:
     return kid
 
 
-def verify_capture_context(
+def verify_capture_context(  # noqa: PLR0913  the key and the claims' knobs, keyword-only
     unverified_cc: str,
     public_key: Mapping[str, Any],
     *,
     now: float,
     allowed_origins: frozenset[str],
     leeway: int = 60,
+    ignore_expiry: bool = False,
 ) -> CaptureContext:
-    """Verify a capture context's signature and every claim; return the typed context."""
+    """Verify a capture context's signature and every claim; return the typed context.
+
+    ignore_expiry: for a context the caller itself created and sent before, asked about again;
+    never for one about to carry a card.
+    """
     kid = context_kid(unverified_cc)
     claims = _verified_claims(unverified_cc, public_key, CaptureContextInvalid, "capture context")
     ctx = _capture_context_from(unverified_cc, kid, claims)
     if ctx.issued_at > now + leeway:
         raise CaptureContextInvalid("capture context is issued in the future", jti=ctx.jti)
-    if ctx.expires_at <= now:
+    if ctx.expires_at <= now and not ignore_expiry:
         raise CaptureContextExpired("capture context has expired", jti=ctx.jti)
     if ctx.origin not in allowed_origins:
         raise CaptureContextInvalid("capture context origin is not allowed", jti=ctx.jti)

@@ -29,6 +29,7 @@ from merchant_side.ledger import (
     open_ledger,
 )
 from merchant_side.ledger.memory import PURGE_EVERY
+from merchant_side.ledger.model import NOTED_ATTEMPT_KEEP_SECONDS
 from merchant_side.ledger.postgres import MIGRATIONS
 from relay.errors import ConfigError, InvalidRequest, Unavailable
 from relay.secrets import Secret
@@ -374,10 +375,14 @@ async def test_a_takeover_is_told_the_attempt_the_lapsed_holder_noted(
     assert Claim(None, CC_2) == await claim(await successor(ledger))
 
 
-async def test_a_takeover_without_a_noted_attempt_has_none(
+async def test_a_noted_attempt_outlives_takeovers_that_note_nothing(
     ledger: Ledger, successor: Successor, clock: FakeClock
 ) -> None:
-    """A lapsed lease that noted nothing, and the next holder's own lapse, report no attempt."""
+    """No attempt until one is noted; then every later takeover is told it, noted or not again.
+
+    A holder that takes over and fails before it sends anything must not make the next one
+    forget the attempt whose outcome nobody knows.
+    """
     await claim(ledger)
     clock.advance(LEASE + 1)
     other = await successor(ledger)
@@ -387,7 +392,17 @@ async def test_a_takeover_without_a_noted_attempt_has_none(
     third = await successor(other)
     assert Claim(None, CC_1) == await claim(third)
     clock.advance(LEASE + 1)
-    assert Claim(None) == await claim(await successor(third))
+    assert Claim(None, CC_1) == await claim(await successor(third))
+
+
+async def test_a_takeover_for_another_card_inherits_no_attempt(
+    ledger: Ledger, successor: Successor, clock: FakeClock
+) -> None:
+    """A lapsed claim taken over for another card_ref is another request: no attempt to ask."""
+    await claim(ledger)
+    assert await ledger.note_attempt("req-1", CC_1)
+    clock.advance(LEASE + 1)
+    assert Claim(None) == await claim(await successor(ledger), card_ref="card-2")
 
 
 async def test_an_expired_record_takes_no_attempt_along(ledger: Ledger, clock: FakeClock) -> None:
@@ -605,6 +620,22 @@ async def test_purge_expired_removes_expired_records_and_lapsed_leases(
     assert await ledger.get("new") is not None
     with pytest.raises(Unavailable):
         await claim(ledger, "held", wait=0)
+
+
+async def test_purge_keeps_a_lapsed_claim_with_a_noted_attempt_for_a_while(
+    ledger: Ledger, successor: Successor, clock: FakeClock
+) -> None:
+    """A claim whose attempt's outcome is unknown survives purges until its token would be dead."""
+    await claim(ledger, "noted", lease=30)
+    assert await ledger.note_attempt("noted", CC_1)
+    clock.advance(60)
+    assert 0 == await ledger.purge_expired()
+    clock.advance(NOTED_ATTEMPT_KEEP_SECONDS - 60)
+    assert 0 == await ledger.purge_expired()
+    after = await successor(ledger)
+    assert Claim(None, CC_1) == await claim(after, "noted", lease=30)
+    clock.advance(30 + NOTED_ATTEMPT_KEEP_SECONDS)
+    assert 1 == await after.purge_expired()
 
 
 async def test_the_memory_ledger_purges_lazily(clock: FakeClock) -> None:

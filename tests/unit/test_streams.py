@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from relay.streams import take_until
@@ -54,3 +55,26 @@ async def test_a_stop_set_before_the_first_read_yields_nothing() -> None:
         yield 1
 
     assert [] == [item async for item in take_until(items(), stop)]
+
+
+async def test_a_consumer_that_goes_away_leaves_no_read_pending() -> None:
+    """Closing take_until while it waits for an item cancels that read."""
+    reading = asyncio.Event()
+    finished: list[str] = []
+
+    async def items() -> AsyncIterator[int]:
+        reading.set()
+        try:
+            await asyncio.Event().wait()
+            yield 1
+        finally:
+            finished.append("read cancelled")
+
+    taken = take_until(items(), asyncio.Event())
+    consumer = asyncio.create_task(anext(taken))
+    await reading.wait()
+    consumer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await consumer
+    await taken.aclose()
+    assert ["read cancelled"] == finished
