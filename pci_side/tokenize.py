@@ -25,7 +25,7 @@ import structlog
 
 from pci_side.ratelimit import RateLimiter
 from pci_side.releases import Release, ReleaseKey, Releases
-from pci_side.vault import AuditEntry, CardVault
+from pci_side.vault import AuditEntry, CardVault, Released
 from relay.errors import (
     CaptureContextExpired,
     DeadlineExceeded,
@@ -148,13 +148,13 @@ class Tokenizer:
             raise _too_late(request) from None
         except CaptureContextExpired as exc:
             # Signed and expired: a repeat may still ask for what its attempt released.
-            earlier = self._releases.find(exc.ids.get("jti", ""), key)
+            attempt.entry = dataclasses.replace(attempt.entry, cc_jti=exc.ids.get("jti", ""))
+            earlier = await self._earlier(attempt.entry.cc_jti, key)
             if earlier is None:
                 raise
-            attempt.entry = dataclasses.replace(attempt.entry, cc_jti=exc.ids["jti"])
             return await self._replay(attempt, earlier)
         attempt.entry = dataclasses.replace(attempt.entry, cc_jti=ctx.jti)
-        earlier = self._releases.find(ctx.jti, key)
+        earlier = await self._earlier(ctx.jti, key)
         if earlier is not None:
             # Not bounded by send_by: nothing new is sent, and the answer is the earlier one's.
             return await self._replay(attempt, earlier)
@@ -202,13 +202,37 @@ class Tokenizer:
             await asyncio.shield(self._audit(attempt, "failure", "INTERNAL"))
             raise
         attempt.entry = dataclasses.replace(attempt.entry, tt_jti=token.jti)
+        entry = attempt.entry
+        # Kept before the answer leaves: a repeat reaching any replica gets this token back.
+        released = Released(
+            ctx.jti, entry.merchant_id, entry.request_id, entry.card_ref, token.raw, token.jti,
+            token.expires_at,
+        )  # fmt: skip
+        await self._vault.keep_release(released)
         await self._audit(attempt, "success", "")
         _log.info("tokenized", tt_jti=token.jti, ms=_ms(started))
         return IssuedToken(attempt.entry.request_id, token.raw, token.jti, token.expires_at)
 
-    async def _replay(self, attempt: _Attempt, earlier: asyncio.Future[IssuedToken]) -> IssuedToken:
+    async def _earlier(
+        self, cc_jti: str, key: ReleaseKey
+    ) -> asyncio.Future[IssuedToken] | IssuedToken | None:
+        """This request's earlier attempt under cc_jti, if any.
+
+        Running or done in this process (releases.py), or done by any replica (the vault).
+        """
+        running = self._releases.find(cc_jti, key)
+        if running is not None or not cc_jti:
+            return running
+        kept = await self._vault.kept_release(cc_jti, key.merchant_id, key.request_id, key.card_ref)
+        if kept is None:
+            return None
+        return IssuedToken(kept.request_id, kept.token, kept.tt_jti, kept.expires_at)
+
+    async def _replay(
+        self, attempt: _Attempt, earlier: asyncio.Future[IssuedToken] | IssuedToken
+    ) -> IssuedToken:
         """The same request again under the same context: its one attempt's result."""
-        issued = await asyncio.shield(earlier)
+        issued = earlier if isinstance(earlier, IssuedToken) else await asyncio.shield(earlier)
         attempt.entry = dataclasses.replace(attempt.entry, tt_jti=issued.jti)
         await self._audit(attempt, "replayed", "")
         _log.info("tokenize_replayed", tt_jti=issued.jti)

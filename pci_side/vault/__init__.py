@@ -34,6 +34,7 @@ from pci_side.vault.vault import (
     CardVault,
     ImportOutcome,
     NewCard,
+    Released,
     RotationReport,
     open_vault,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "KeyProvider",
     "Keyring",
     "NewCard",
+    "Released",
     "RotationReport",
     "StoredAuditEntry",
     "VaultIntegrityError",

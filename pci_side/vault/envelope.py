@@ -37,13 +37,14 @@ from relay.cards import CardData, Pan, SecurityCode
 from relay.errors import InvalidCardData
 from relay.secrets import Secret
 
-__all__ = ["fingerprint", "open_card", "rewrap_dek", "seal_card"]
+__all__ = ["fingerprint", "open_card", "open_token", "rewrap_dek", "seal_card", "seal_token"]
 
 _FORMAT: Final = b"\x01"
 _NONCE_BYTES: Final = 12
 _DEK_BYTES: Final = 32
 _RECORD_LABEL: Final = "relay.vault.card.v1"
 _DEK_LABEL: Final = "relay.vault.dek.v1"
+_RELEASE_LABEL: Final = "relay.vault.released-token.v1"
 
 
 def fingerprint(pan: Pan, key: Secret[bytes]) -> str:
@@ -108,6 +109,25 @@ def rewrap_dek(
     """Unwrap a DEK under its old version and wrap it under the new one; the record is untouched."""
     dek = _unwrap(row.card_ref, row.key_version, row.wrapped_dek, old_kek)
     return _seal(new_kek.get_secret_value(), dek, _dek_aad(row.card_ref, new_version))
+
+
+def seal_token(cc_jti: str, key_version: int, token: str, kek: Secret[bytes]) -> bytes:
+    """A released transient token (a bearer credential) sealed under the KEK.
+
+    The seal is bound to its capture context and KEK version.
+    """
+    aad = _token_aad(cc_jti, key_version)
+    return _seal(kek.get_secret_value(), token.encode("ascii"), aad)
+
+
+def open_token(cc_jti: str, key_version: int, sealed: bytes, kek: Secret[bytes]) -> str:
+    """The token seal_token sealed; VaultIntegrityError if it was altered or moved."""
+    opened = _open(cc_jti, kek.get_secret_value(), sealed, _token_aad(cc_jti, key_version))
+    return opened.decode("ascii")
+
+
+def _token_aad(cc_jti: str, key_version: int) -> bytes:
+    return json.dumps([_RELEASE_LABEL, cc_jti, key_version], separators=(",", ":")).encode("utf-8")
 
 
 def _unwrap(card_ref: str, key_version: int, wrapped: bytes, kek: Secret[bytes]) -> bytes:

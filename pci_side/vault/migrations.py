@@ -11,6 +11,10 @@ triggers). In production the vault's database role should also have only SELECT 
 audit_log. The head row (audit_head) is updated in the same transaction as each append and may
 only move forward. PostgreSQL text keys use the "C" collation, so card_ref order (and keyset
 pagination) is byte order on both backends, whatever the database's locale.
+
+Migration 2 adds `releases`: the transient token each capture context released, sealed under the
+KEK, kept until the token expires, so a repeat under that context reaching any replica, or one
+restarted, gets that token back instead of a second tokenization.
 """
 
 from __future__ import annotations
@@ -80,6 +84,22 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
                BEGIN SELECT RAISE(ABORT, 'audit_head is permanent'); END""",
         ),
     ),
+    (
+        2,
+        (
+            """CREATE TABLE releases (
+                cc_jti TEXT PRIMARY KEY,
+                merchant_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                card_ref TEXT NOT NULL,
+                tt_jti TEXT NOT NULL,
+                expires_at INTEGER NOT NULL,
+                key_version INTEGER NOT NULL,
+                sealed_token BLOB NOT NULL
+            ) STRICT""",
+            "CREATE INDEX releases_expiry ON releases (expires_at)",
+        ),
+    ),
 )
 
 POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -143,6 +163,22 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
                END $$""",
             """CREATE TRIGGER audit_head_forward BEFORE UPDATE OR DELETE ON audit_head
                FOR EACH ROW EXECUTE FUNCTION relay_audit_head_forward()""",
+        ),
+    ),
+    (
+        2,
+        (
+            """CREATE TABLE releases (
+                cc_jti TEXT COLLATE "C" PRIMARY KEY,
+                merchant_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                card_ref TEXT NOT NULL,
+                tt_jti TEXT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                key_version INTEGER NOT NULL,
+                sealed_token BYTEA NOT NULL
+            )""",
+            "CREATE INDEX releases_expiry ON releases (expires_at)",
         ),
     ),
 )

@@ -18,6 +18,7 @@ quote column values, is only chained as the cause.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
@@ -31,10 +32,12 @@ from pci_side.vault.migrations import POSTGRES_MIGRATIONS
 from pci_side.vault.store import (
     AUDIT_COLUMNS,
     CARD_COLUMNS,
+    RELEASE_COLUMNS,
     CardRow,
     CardSummary,
     FoundCard,
     ImportItem,
+    ReleaseRow,
     Rewrap,
     WrappedDek,
     plan_import,
@@ -281,6 +284,31 @@ class PostgresStore:
             head = await cursor.fetchone()
         assert head is not None
         return int(head[0]), str(head[1])
+
+    async def add_release(self, row: ReleaseRow, now: int) -> None:
+        """See Store.add_release."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("DELETE FROM releases WHERE expires_at <= %s", (now,))
+            await conn.execute(
+                f"INSERT INTO releases ({RELEASE_COLUMNS}) "  # noqa: S608 - constants
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (cc_jti) DO NOTHING",
+                dataclasses.astuple(row),
+            )
+
+    async def find_release(self, cc_jti: str) -> ReleaseRow | None:
+        """See Store.find_release."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {RELEASE_COLUMNS} FROM releases WHERE cc_jti = %s",  # noqa: S608
+                (cc_jti,),
+            )
+            found = await cursor.fetchone()
+        if found is None:
+            return None
+        cc_jti, merchant_id, request_id, card_ref, tt_jti, expires_at, version, sealed = found
+        return ReleaseRow(
+            cc_jti, merchant_id, request_id, card_ref, tt_jti, expires_at, version, bytes(sealed)
+        )
 
 
 def _card_values(row: CardRow, now: dt.datetime) -> tuple[Any, ...]:

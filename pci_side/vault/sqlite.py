@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -32,10 +33,12 @@ from pci_side.vault.migrations import SQLITE_MIGRATIONS
 from pci_side.vault.store import (
     AUDIT_COLUMNS,
     CARD_COLUMNS,
+    RELEASE_COLUMNS,
     CardRow,
     CardSummary,
     FoundCard,
     ImportItem,
+    ReleaseRow,
     Rewrap,
     WrappedDek,
     plan_import,
@@ -175,6 +178,14 @@ class SQLiteStore:
         """The head row."""
         return await self._run(_audit_head)
 
+    async def add_release(self, row: ReleaseRow, now: int) -> None:
+        """See Store.add_release."""
+        await self._run(_add_release, row, now)
+
+    async def find_release(self, cc_jti: str) -> ReleaseRow | None:
+        """See Store.find_release."""
+        return await self._run(_find_release, cc_jti)
+
 
 def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
@@ -307,6 +318,24 @@ def _summary(row: tuple[Any, ...], merchants: tuple[str, ...]) -> CardSummary:
         dt.datetime.fromisoformat(created),
         dt.datetime.fromisoformat(updated),
     )
+
+
+def _add_release(connection: sqlite3.Connection, row: ReleaseRow, now: int) -> None:
+    with sqlitedb.transaction(connection):
+        connection.execute("DELETE FROM releases WHERE expires_at <= ?", (now,))
+        connection.execute(
+            f"INSERT INTO releases ({RELEASE_COLUMNS}) "  # noqa: S608 - constants
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cc_jti) DO NOTHING",
+            dataclasses.astuple(row),
+        )
+
+
+def _find_release(connection: sqlite3.Connection, cc_jti: str) -> ReleaseRow | None:
+    found = connection.execute(
+        f"SELECT {RELEASE_COLUMNS} FROM releases WHERE cc_jti = ?",  # noqa: S608 - constants
+        (cc_jti,),
+    ).fetchone()
+    return None if found is None else ReleaseRow(*found)
 
 
 def _scalar(connection: sqlite3.Connection, sql: str) -> int:

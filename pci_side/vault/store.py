@@ -30,12 +30,14 @@ __all__ = [
     "CARD_REF_CONFLICT",
     "CREATED",
     "DUPLICATE_CARD",
+    "RELEASE_COLUMNS",
     "UNCHANGED",
     "CardRow",
     "CardSummary",
     "FoundCard",
     "ImportItem",
     "ImportPlan",
+    "ReleaseRow",
     "Rewrap",
     "Store",
     "WrappedDek",
@@ -131,6 +133,30 @@ class Rewrap:
     def __repr__(self) -> str:
         """Leave the wrapped key out."""
         return f"Rewrap({self.card_ref!r}, {self.old_version}->{self.new_version})"
+
+
+RELEASE_COLUMNS: Final = (
+    "cc_jti, merchant_id, request_id, card_ref, tt_jti, expires_at, key_version, sealed_token"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class ReleaseRow:
+    """The transient token one capture context released, sealed, and for which request."""
+
+    cc_jti: str
+    merchant_id: str
+    request_id: str
+    card_ref: str
+    tt_jti: str
+    expires_at: int
+    """Epoch seconds: the token's exp; the row is useless (and purged) after it."""
+    key_version: int
+    sealed_token: bytes
+
+    def __repr__(self) -> str:
+        """Name the release; the sealed token is left out."""
+        return f"ReleaseRow({self.cc_jti!r}, {self.request_id!r}, tt_jti={self.tt_jti!r})"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -231,6 +257,14 @@ class Store(Protocol):
 
     async def audit_newest(self, limit: int) -> list[StoredAuditEntry]:
         """The limit newest entries, newest first."""
+        ...
+
+    async def add_release(self, row: ReleaseRow, now: int) -> None:
+        """Keep a release (the first for its cc_jti wins); drop those expired by now."""
+        ...
+
+    async def find_release(self, cc_jti: str) -> ReleaseRow | None:
+        """The release kept for cc_jti, if any (expired or not: the caller checks)."""
         ...
 
     async def audit_head(self) -> tuple[int, str]:

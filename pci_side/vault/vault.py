@@ -27,12 +27,12 @@ from pci_side.vault.audit import (
     StoredAuditEntry,
     check_entry,
 )
-from pci_side.vault.envelope import open_card, rewrap_dek, seal_card
+from pci_side.vault.envelope import open_card, open_token, rewrap_dek, seal_card, seal_token
 from pci_side.vault.errors import VaultIntegrityError
 from pci_side.vault.kek import FileKeyProvider, KeyProvider, Keyring
 from pci_side.vault.postgres import PostgresStore
 from pci_side.vault.sqlite import SQLiteStore
-from pci_side.vault.store import CardSummary, ImportItem, Rewrap, Store
+from pci_side.vault.store import CardSummary, ImportItem, ReleaseRow, Rewrap, Store
 from relay.cards import CardData
 from relay.config import VaultConfig
 from relay.errors import CardNotFound, ConfigError, InvalidCardData, NotGranted
@@ -44,6 +44,7 @@ __all__ = [
     "Clock",
     "ImportOutcome",
     "NewCard",
+    "Released",
     "RotationReport",
     "open_store",
     "open_vault",
@@ -77,6 +78,20 @@ class NewCard:
         for merchant_id in self.merchants:
             check_merchant_id(merchant_id)
         object.__setattr__(self, "merchants", tuple(sorted(set(self.merchants))))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Released:
+    """A transient token a capture context released, for one merchant's request."""
+
+    cc_jti: str
+    merchant_id: str
+    request_id: str
+    card_ref: str
+    token: str = dataclasses.field(repr=False)
+    """A bearer credential until it expires: kept out of the repr, sealed at rest."""
+    tt_jti: str
+    expires_at: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -221,6 +236,39 @@ class CardVault:
             after = batch[-1].card_ref
         _log.info("vault_key_rotated", rewrapped=rewrapped, current_version=version)
         return RotationReport(rewrapped, version)
+
+    async def keep_release(self, released: Released) -> None:
+        """Keep what a capture context released, sealed, until the token expires."""
+        version, kek = self._keyring.current()
+        row = ReleaseRow(
+            released.cc_jti,
+            released.merchant_id,
+            released.request_id,
+            released.card_ref,
+            released.tt_jti,
+            released.expires_at,
+            version,
+            seal_token(released.cc_jti, version, released.token, kek),
+        )
+        await self._store.add_release(row, int(self._clock().timestamp()))
+
+    async def kept_release(
+        self, cc_jti: str, merchant_id: str, request_id: str, card_ref: str
+    ) -> Released | None:
+        """What cc_jti released for this very request, while its token lives; else None."""
+        row = await self._store.find_release(cc_jti)
+        same = row is not None and (row.merchant_id, row.request_id, row.card_ref) == (
+            merchant_id,
+            request_id,
+            card_ref,
+        )
+        if row is None or not same or row.expires_at <= self._clock().timestamp():
+            return None
+        kek = await self._keyring.key(row.key_version)
+        token = open_token(row.cc_jti, row.key_version, row.sealed_token, kek)
+        return Released(
+            cc_jti, merchant_id, request_id, card_ref, token, row.tt_jti, row.expires_at
+        )
 
     async def record_attempt(self, entry: AuditEntry) -> int:
         """Append one tokenization attempt to the audit chain; return its seq."""

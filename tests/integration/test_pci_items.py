@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from pci_side.ratelimit import RateLimiter
+from pci_side.tokenize import Tokenizer, TokenizeRequest
 from pci_side.vault import AuditEntry, CardVault
+from relay.flex.client import FlexClient, new_http_client
 from relay.pb.v1 import pci_relay_pb2
 from tests.integration import pci_rig as rig_fixtures
 from tests.integration.conftest import module_flexsim
@@ -150,3 +153,20 @@ async def test_an_items_timeout_counts_from_its_arrival_not_its_turn(
     assert "DEADLINE_EXCEEDED" == answers[short.request_id].error.reason
     expected = [entry(short.request_id, "failure", "DEADLINE_EXCEEDED")]
     assert expected == await outcomes(rig.vault, short.request_id)
+
+
+async def test_a_repeat_reaching_another_replica_gets_the_kept_token(make_pci_rig: MakePciRig):
+    """Another PciRelay process on the same vault answers a repeat with the kept token."""
+    rig = await make_pci_rig()
+    raw, _ = await rig.context()
+    request = rig.request(VISA.card_ref, raw)
+    first = await rig.stub().Tokenize(request)
+    async with new_http_client(rig.config.flex) as http:
+        # A replica of its own: its own Flex client and an empty map of running attempts.
+        replica = Tokenizer(rig.vault, FlexClient(http, rig.config.flex), RateLimiter(100, 100))
+        again = await replica.tokenize(
+            MERCHANT, TokenizeRequest(request.request_id, raw, request.card_ref)
+        )
+    assert (first.token.jti, first.token.transient_token) == (again.jti, again.token)
+    steps = ["started", "success", "replayed"]
+    assert steps == [e.outcome for e in await outcomes(rig.vault, request.request_id)]

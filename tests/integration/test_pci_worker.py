@@ -327,7 +327,9 @@ async def test_an_expired_capture_context_is_failed_precondition(
         "CAPTURE_CONTEXT_EXPIRED",
         CaptureContextExpired,
     )
-    expected = failure(VISA.card_ref, request.request_id, "CAPTURE_CONTEXT_EXPIRED")
+    # Its signature held, so the audit names the context by its jti.
+    jti = token_claims(raw)["jti"]
+    expected = failure(VISA.card_ref, request.request_id, "CAPTURE_CONTEXT_EXPIRED", cc_jti=jti)
     assert expected == await newest_audit(rig.vault)
 
 
