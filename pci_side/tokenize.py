@@ -131,9 +131,11 @@ class Tokenizer:
         while self._sending:
             await asyncio.wait(set(self._sending))
 
-    async def _audit(self, attempt: _Attempt, outcome: str, reason: str) -> None:
+    async def _audit(
+        self, attempt: _Attempt, outcome: str, reason: str, released: Released | None = None
+    ) -> None:
         await self._vault.record_attempt(
-            dataclasses.replace(attempt.entry, outcome=outcome, reason=reason)
+            dataclasses.replace(attempt.entry, outcome=outcome, reason=reason), released
         )
 
     async def _tokenize(
@@ -203,13 +205,13 @@ class Tokenizer:
             raise
         attempt.entry = dataclasses.replace(attempt.entry, tt_jti=token.jti)
         entry = attempt.entry
-        # Kept before the answer leaves: a repeat reaching any replica gets this token back.
+        # Kept with the success record, before the answer leaves: a repeat reaching any replica
+        # gets this token back.
         released = Released(
             ctx.jti, entry.merchant_id, entry.request_id, entry.card_ref, token.raw, token.jti,
             token.expires_at,
         )  # fmt: skip
-        await self._vault.keep_release(released)
-        await self._audit(attempt, "success", "")
+        await self._audit(attempt, "success", "", released)
         _log.info("tokenized", tt_jti=token.jti, ms=_ms(started))
         return IssuedToken(attempt.entry.request_id, token.raw, token.jti, token.expires_at)
 

@@ -26,7 +26,10 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from pci_side.vault.store import ReleaseRow
 
 __all__ = [
     "GENESIS_HASH",
@@ -182,7 +185,8 @@ class ChainVerifier:
 
 
 AppendFunction = Callable[
-    [Sequence[tuple[dt.datetime, AuditEntry]]], Awaitable[list[StoredAuditEntry]]
+    [Sequence[tuple[dt.datetime, AuditEntry]], Sequence["ReleaseRow"]],
+    Awaitable[list[StoredAuditEntry]],
 ]
 
 
@@ -190,20 +194,23 @@ class AuditBatcher:
     """Group commit: appends that arrive while one is being written go in the next transaction.
 
     Order is kept (FIFO), each caller gets its own seq, and a failed transaction fails every
-    caller in it. A caller that is cancelled while waiting still has its entry written.
+    caller in it. A caller that is cancelled while waiting still has its entry written. A
+    success may carry its release, written in the same transaction as its record.
     """
 
     def __init__(self, append: AppendFunction, *, max_batch: int = 256) -> None:
         """Batch calls to append (a Store's append_audit), at most max_batch per transaction."""
         self._append = append
         self._max_batch = max_batch
-        self._pending: list[tuple[dt.datetime, AuditEntry, asyncio.Future[int]]] = []
+        self._pending: list[_Pending] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def append(self, at: dt.datetime, entry: AuditEntry) -> int:
+    async def append(
+        self, at: dt.datetime, entry: AuditEntry, release: ReleaseRow | None = None
+    ) -> int:
         """Queue one entry and wait until its transaction commits; return its seq."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((at, entry, future))
+        self._pending.append(_Pending(at, entry, release, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="vault-audit-append")
         return await future
@@ -217,17 +224,27 @@ class AuditBatcher:
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
+            entries = [(item.at, item.entry) for item in batch]
+            releases = [item.release for item in batch if item.release is not None]
             try:
-                stored = await self._append([(at, entry) for at, entry, _ in batch])
+                stored = await self._append(entries, releases)
             except asyncio.CancelledError:
-                for *_, future in batch + self._pending:
-                    future.cancel()
+                for item in batch + self._pending:
+                    item.future.cancel()
                 raise
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
                 continue
-            for (*_, future), row in zip(batch, stored, strict=True):
-                if not future.done():
-                    future.set_result(row.seq)
+            for item, row in zip(batch, stored, strict=True):
+                if not item.future.done():
+                    item.future.set_result(row.seq)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    at: dt.datetime
+    entry: AuditEntry
+    release: ReleaseRow | None
+    future: asyncio.Future[int]

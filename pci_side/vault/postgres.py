@@ -239,12 +239,16 @@ class PostgresStore:
             return cursor.rowcount
 
     async def append_audit(
-        self, entries: Sequence[tuple[dt.datetime, AuditEntry]]
+        self,
+        entries: Sequence[tuple[dt.datetime, AuditEntry]],
+        releases: Sequence[ReleaseRow] = (),
     ) -> list[StoredAuditEntry]:
         """Chain entries onto the head, which is locked FOR UPDATE until commit."""
         if not entries:
             return []
         async with self._connection() as conn, conn.transaction():
+            if releases:
+                await _keep_releases(conn, releases, entries[0][0])
             cursor = await conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             head = await cursor.fetchone()
             assert head is not None
@@ -285,16 +289,6 @@ class PostgresStore:
         assert head is not None
         return int(head[0]), str(head[1])
 
-    async def add_release(self, row: ReleaseRow, now: int) -> None:
-        """See Store.add_release."""
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute("DELETE FROM releases WHERE expires_at <= %s", (now,))
-            await conn.execute(
-                f"INSERT INTO releases ({RELEASE_COLUMNS}) "  # noqa: S608 - constants
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (cc_jti) DO NOTHING",
-                dataclasses.astuple(row),
-            )
-
     async def find_release(self, cc_jti: str) -> ReleaseRow | None:
         """See Store.find_release."""
         async with self._connection() as conn:
@@ -308,6 +302,18 @@ class PostgresStore:
         cc_jti, merchant_id, request_id, card_ref, tt_jti, expires_at, version, sealed = found
         return ReleaseRow(
             cc_jti, merchant_id, request_id, card_ref, tt_jti, expires_at, version, bytes(sealed)
+        )
+
+
+async def _keep_releases(
+    conn: Connection, releases: Sequence[ReleaseRow], now: dt.datetime
+) -> None:
+    await conn.execute("DELETE FROM releases WHERE expires_at <= %s", (int(now.timestamp()),))
+    async with conn.cursor() as writer:
+        await writer.executemany(
+            f"INSERT INTO releases ({RELEASE_COLUMNS}) "  # noqa: S608 - constants
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (cc_jti) DO NOTHING",
+            [dataclasses.astuple(row) for row in releases],
         )
 
 

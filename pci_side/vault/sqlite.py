@@ -159,10 +159,12 @@ class SQLiteStore:
         return await self._run(_rewrap, changes, format_at(now))
 
     async def append_audit(
-        self, entries: Sequence[tuple[dt.datetime, AuditEntry]]
+        self,
+        entries: Sequence[tuple[dt.datetime, AuditEntry]],
+        releases: Sequence[ReleaseRow] = (),
     ) -> list[StoredAuditEntry]:
-        """Chain entries onto the head under the write lock."""
-        return await self._run(_append_audit, entries)
+        """Chain entries onto the head under the write lock; keep the releases with them."""
+        return await self._run(_append_audit, entries, releases)
 
     async def audit_after(self, seq: int, limit: int) -> list[StoredAuditEntry]:
         """Entries after seq, ascending."""
@@ -177,10 +179,6 @@ class SQLiteStore:
     async def audit_head(self) -> tuple[int, str]:
         """The head row."""
         return await self._run(_audit_head)
-
-    async def add_release(self, row: ReleaseRow, now: int) -> None:
-        """See Store.add_release."""
-        await self._run(_add_release, row, now)
 
     async def find_release(self, cc_jti: str) -> ReleaseRow | None:
         """See Store.find_release."""
@@ -320,14 +318,15 @@ def _summary(row: tuple[Any, ...], merchants: tuple[str, ...]) -> CardSummary:
     )
 
 
-def _add_release(connection: sqlite3.Connection, row: ReleaseRow, now: int) -> None:
-    with sqlitedb.transaction(connection):
-        connection.execute("DELETE FROM releases WHERE expires_at <= ?", (now,))
-        connection.execute(
-            f"INSERT INTO releases ({RELEASE_COLUMNS}) "  # noqa: S608 - constants
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cc_jti) DO NOTHING",
-            dataclasses.astuple(row),
-        )
+def _keep_releases(
+    connection: sqlite3.Connection, releases: Sequence[ReleaseRow], now: dt.datetime
+) -> None:
+    connection.execute("DELETE FROM releases WHERE expires_at <= ?", (int(now.timestamp()),))
+    connection.executemany(
+        f"INSERT INTO releases ({RELEASE_COLUMNS}) "  # noqa: S608 - constants
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cc_jti) DO NOTHING",
+        [dataclasses.astuple(row) for row in releases],
+    )
 
 
 def _find_release(connection: sqlite3.Connection, cc_jti: str) -> ReleaseRow | None:
@@ -369,11 +368,15 @@ def _rewrap(connection: sqlite3.Connection, changes: Sequence[Rewrap], stamp: st
 
 
 def _append_audit(
-    connection: sqlite3.Connection, entries: Sequence[tuple[dt.datetime, AuditEntry]]
+    connection: sqlite3.Connection,
+    entries: Sequence[tuple[dt.datetime, AuditEntry]],
+    releases: Sequence[ReleaseRow],
 ) -> list[StoredAuditEntry]:
     if not entries:
         return []
     with sqlitedb.transaction(connection):
+        if releases:
+            _keep_releases(connection, releases, entries[0][0])
         seq, head = _audit_head(connection)
         stored = chain(seq, head, entries)
         connection.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])

@@ -246,9 +246,15 @@ class Store(Protocol):
         ...
 
     async def append_audit(
-        self, entries: Sequence[tuple[dt.datetime, AuditEntry]]
+        self,
+        entries: Sequence[tuple[dt.datetime, AuditEntry]],
+        releases: Sequence[ReleaseRow] = (),
     ) -> list[StoredAuditEntry]:
-        """Chain the entries onto the head, serialized against every other append."""
+        """Chain the entries onto the head, serialized against every other append.
+
+        The releases are kept in the same transaction (the first for a cc_jti wins), and
+        releases expired by the first entry's time are dropped.
+        """
         ...
 
     async def audit_after(self, seq: int, limit: int) -> list[StoredAuditEntry]:
@@ -257,10 +263,6 @@ class Store(Protocol):
 
     async def audit_newest(self, limit: int) -> list[StoredAuditEntry]:
         """The limit newest entries, newest first."""
-        ...
-
-    async def add_release(self, row: ReleaseRow, now: int) -> None:
-        """Keep a release (the first for its cc_jti wins); drop those expired by now."""
         ...
 
     async def find_release(self, cc_jti: str) -> ReleaseRow | None:

@@ -237,21 +237,6 @@ class CardVault:
         _log.info("vault_key_rotated", rewrapped=rewrapped, current_version=version)
         return RotationReport(rewrapped, version)
 
-    async def keep_release(self, released: Released) -> None:
-        """Keep what a capture context released, sealed, until the token expires."""
-        version, kek = self._keyring.current()
-        row = ReleaseRow(
-            released.cc_jti,
-            released.merchant_id,
-            released.request_id,
-            released.card_ref,
-            released.tt_jti,
-            released.expires_at,
-            version,
-            seal_token(released.cc_jti, version, released.token, kek),
-        )
-        await self._store.add_release(row, int(self._clock().timestamp()))
-
     async def kept_release(
         self, cc_jti: str, merchant_id: str, request_id: str, card_ref: str
     ) -> Released | None:
@@ -270,10 +255,28 @@ class CardVault:
             cc_jti, merchant_id, request_id, card_ref, token, row.tt_jti, row.expires_at
         )
 
-    async def record_attempt(self, entry: AuditEntry) -> int:
-        """Append one tokenization attempt to the audit chain; return its seq."""
+    async def record_attempt(self, entry: AuditEntry, released: Released | None = None) -> int:
+        """Append one tokenization attempt to the audit chain; return its seq.
+
+        A success carries what it released: kept, sealed, in the same transaction as its record,
+        so that every success in the chain can be handed back to a repeat of its request.
+        """
         check_entry(entry)
-        return await self._audit.append(self._clock(), entry)
+        row = None if released is None else self._release_row(released)
+        return await self._audit.append(self._clock(), entry, row)
+
+    def _release_row(self, released: Released) -> ReleaseRow:
+        version, kek = self._keyring.current()
+        return ReleaseRow(
+            released.cc_jti,
+            released.merchant_id,
+            released.request_id,
+            released.card_ref,
+            released.tt_jti,
+            released.expires_at,
+            version,
+            seal_token(released.cc_jti, version, released.token, kek),
+        )
 
     async def verify_audit(self, *, batch_size: int = 1000) -> AuditVerdict:
         """Walk the chain up to the head read at the start, and report the first broken link."""
