@@ -89,6 +89,8 @@ class _Job:
     until: float
     previous_attempt: str | None
     caller_left: bool = False
+    sent: set[str] = dataclasses.field(default_factory=set)
+    """The jtis of the contexts this job has sent (the noted previous_attempt counts too)."""
     unknown: bool = False
     """Some attempt of this request (or of an earlier holder's) may have been tokenized unseen:
     the claim must then be left to a retry, never abandoned."""
@@ -264,9 +266,11 @@ class Gateway:
             raise _LeaseLost
         if job.caller_left:  # checked last: nothing goes out for a caller who has left
             raise Withdrawn("the caller left", request_id=request.request_id)
+        repeat = ctx.jti in job.sent or ctx.raw == job.previous_attempt
+        job.sent.add(ctx.jti)
         try:
             token = await job.link.tokenize(
-                request.request_id, ctx.raw, request.card_ref, timeout=left
+                request.request_id, ctx.raw, request.card_ref, timeout=left, repeat=repeat
             )
         except RelayError as exc:
             job.unknown = job.unknown or isinstance(exc, OutcomeUnknown)

@@ -72,9 +72,17 @@ class PciLink(Protocol):
     """A way to PciRelay for one request at a time: unary calls, or one multiplexed stream."""
 
     async def tokenize(
-        self, request_id: str, capture_context: str, card_ref: str, *, timeout: float
+        self,
+        request_id: str,
+        capture_context: str,
+        card_ref: str,
+        *,
+        timeout: float,
+        repeat: bool = False,
     ) -> PciToken:
         """Send one request; PciRelay drops it unsent once `timeout` seconds have passed.
+
+        repeat: this context went out before for this request without an answer.
 
         Raises the RelayError PciRelay answered with (nothing was tokenized), or OutcomeUnknown
         when the request was sent and no answer came back.
@@ -97,10 +105,16 @@ class PciClient:
         )
 
     async def tokenize(
-        self, request_id: str, capture_context: str, card_ref: str, *, timeout: float
+        self,
+        request_id: str,
+        capture_context: str,
+        card_ref: str,
+        *,
+        timeout: float,
+        repeat: bool = False,
     ) -> PciToken:
         """See PciLink.tokenize: one Tokenize call that outlives the item's timeout."""
-        request = _request(request_id, capture_context, card_ref, timeout)
+        request = _request(request_id, capture_context, card_ref, timeout, repeat)
         try:
             result = await self._stub.Tokenize(
                 request, timeout=timeout + ANSWER_GRACE_SECONDS, metadata=self._metadata
@@ -134,7 +148,13 @@ class PciStream:
         self._closing = False
 
     async def tokenize(
-        self, request_id: str, capture_context: str, card_ref: str, *, timeout: float
+        self,
+        request_id: str,
+        capture_context: str,
+        card_ref: str,
+        *,
+        timeout: float,
+        repeat: bool = False,
     ) -> PciToken:
         """See PciLink.tokenize: one item on the stream, and its answer."""
         if self._closing:  # nothing opens a new call behind close()
@@ -148,7 +168,7 @@ class PciStream:
             async with self._lock:  # one writer at a time; gRPC flow control applies per write
                 call = await self._ensure_call()
                 self._add(request_id, call, future)
-                await call.write(_request(request_id, capture_context, card_ref, timeout))
+                await call.write(_request(request_id, capture_context, card_ref, timeout, repeat))
         except grpc.aio.AioRpcError as exc:
             self._discard(request_id, future)
             raise rpc.error_from_rpc(exc) from None
@@ -244,10 +264,10 @@ class PciStream:
 
 
 def _request(
-    request_id: str, capture_context: str, card_ref: str, timeout: float
+    request_id: str, capture_context: str, card_ref: str, timeout: float, repeat: bool
 ) -> pci_relay_pb2.PciTokenizeRequest:
     request = pci_relay_pb2.PciTokenizeRequest(
-        request_id=request_id, capture_context=capture_context, card_ref=card_ref
+        request_id=request_id, capture_context=capture_context, card_ref=card_ref, repeat=repeat
     )
     request.timeout.FromTimedelta(dt.timedelta(seconds=max(timeout, 0.0)))
     return request

@@ -162,7 +162,9 @@ def _send_by(request: pci_relay_pb2.PciTokenizeRequest, remaining: float | None)
 
 
 def _domain(request: pci_relay_pb2.PciTokenizeRequest, send_by: float | None) -> TokenizeRequest:
-    return TokenizeRequest(request.request_id, request.capture_context, request.card_ref, send_by)
+    return TokenizeRequest(
+        request.request_id, request.capture_context, request.card_ref, send_by, request.repeat
+    )
 
 
 def _result(issued: IssuedToken) -> pci_relay_pb2.PciTokenizeResult:

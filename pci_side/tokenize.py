@@ -50,6 +50,8 @@ class TokenizeRequest:
     card_ref: str
     send_by: float | None = None
     """Event-loop time after which the card must not be sent to Flex any more; None: no limit."""
+    repeat: bool = False
+    """Sent before under this context without an answer: look for it in the vault too."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,12 +153,12 @@ class Tokenizer:
         except CaptureContextExpired as exc:
             # Signed and expired: a repeat may still ask for what its attempt released.
             attempt.entry = dataclasses.replace(attempt.entry, cc_jti=exc.ids.get("jti", ""))
-            earlier = await self._earlier(attempt.entry.cc_jti, key)
+            earlier = await self._earlier(attempt.entry.cc_jti, key, request.repeat)
             if earlier is None:
                 raise
             return await self._replay(attempt, earlier)
         attempt.entry = dataclasses.replace(attempt.entry, cc_jti=ctx.jti)
-        earlier = await self._earlier(ctx.jti, key)
+        earlier = await self._earlier(ctx.jti, key, request.repeat)
         if earlier is not None:
             # Not bounded by send_by: nothing new is sent, and the answer is the earlier one's.
             return await self._replay(attempt, earlier)
@@ -216,14 +218,15 @@ class Tokenizer:
         return IssuedToken(attempt.entry.request_id, token.raw, token.jti, token.expires_at)
 
     async def _earlier(
-        self, cc_jti: str, key: ReleaseKey
+        self, cc_jti: str, key: ReleaseKey, repeat: bool
     ) -> asyncio.Future[IssuedToken] | IssuedToken | None:
         """This request's earlier attempt under cc_jti, if any.
 
-        Running or done in this process (releases.py), or done by any replica (the vault).
+        Running or done in this process (releases.py), or, for a repeat, done by any replica
+        (the vault): a first attempt costs no vault read.
         """
         running = self._releases.find(cc_jti, key)
-        if running is not None or not cc_jti:
+        if running is not None or not cc_jti or not repeat:
             return running
         kept = await self._vault.kept_release(cc_jti, key.merchant_id, key.request_id, key.card_ref)
         if kept is None:

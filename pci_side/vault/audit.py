@@ -26,10 +26,10 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final, Generic, TypeVar
 
-if TYPE_CHECKING:
-    from pci_side.vault.store import ReleaseRow
+R = TypeVar("R")
+"""What a success may carry into its transaction (the store's release row)."""
 
 __all__ = [
     "GENESIS_HASH",
@@ -185,12 +185,11 @@ class ChainVerifier:
 
 
 AppendFunction = Callable[
-    [Sequence[tuple[dt.datetime, AuditEntry]], Sequence["ReleaseRow"]],
-    Awaitable[list[StoredAuditEntry]],
+    [Sequence[tuple[dt.datetime, AuditEntry]], Sequence[R]], Awaitable[list[StoredAuditEntry]]
 ]
 
 
-class AuditBatcher:
+class AuditBatcher(Generic[R]):
     """Group commit: appends that arrive while one is being written go in the next transaction.
 
     Order is kept (FIFO), each caller gets its own seq, and a failed transaction fails every
@@ -198,16 +197,14 @@ class AuditBatcher:
     success may carry its release, written in the same transaction as its record.
     """
 
-    def __init__(self, append: AppendFunction, *, max_batch: int = 256) -> None:
+    def __init__(self, append: AppendFunction[R], *, max_batch: int = 256) -> None:
         """Batch calls to append (a Store's append_audit), at most max_batch per transaction."""
         self._append = append
         self._max_batch = max_batch
-        self._pending: list[_Pending] = []
+        self._pending: list[_Pending[R]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def append(
-        self, at: dt.datetime, entry: AuditEntry, release: ReleaseRow | None = None
-    ) -> int:
+    async def append(self, at: dt.datetime, entry: AuditEntry, release: R | None = None) -> int:
         """Queue one entry and wait until its transaction commits; return its seq."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(at, entry, release, future))
@@ -243,8 +240,8 @@ class AuditBatcher:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Pending:
+class _Pending(Generic[R]):
     at: dt.datetime
     entry: AuditEntry
-    release: ReleaseRow | None
+    release: R | None
     future: asyncio.Future[int]

@@ -127,7 +127,7 @@ class CardVault:
         self._keyring = keys if isinstance(keys, Keyring) else Keyring(keys)
         self._fingerprint_key = fingerprint_key
         self._clock = clock
-        self._audit = AuditBatcher(store.append_audit)
+        self._audit: AuditBatcher[ReleaseRow] = AuditBatcher(store.append_audit)
 
     @property
     def key_version(self) -> int:

@@ -156,7 +156,7 @@ async def test_an_items_timeout_counts_from_its_arrival_not_its_turn(
 
 
 async def test_a_repeat_reaching_another_replica_gets_the_kept_token(make_pci_rig: MakePciRig):
-    """Another PciRelay process on the same vault answers a repeat with the kept token."""
+    """Another PciRelay process on the same vault answers a flagged repeat with the kept token."""
     rig = await make_pci_rig()
     raw, _ = await rig.context()
     request = rig.request(VISA.card_ref, raw)
@@ -165,7 +165,7 @@ async def test_a_repeat_reaching_another_replica_gets_the_kept_token(make_pci_ri
         # A replica of its own: its own Flex client and an empty map of running attempts.
         replica = Tokenizer(rig.vault, FlexClient(http, rig.config.flex), RateLimiter(100, 100))
         again = await replica.tokenize(
-            MERCHANT, TokenizeRequest(request.request_id, raw, request.card_ref)
+            MERCHANT, TokenizeRequest(request.request_id, raw, request.card_ref, repeat=True)
         )
     assert (first.token.jti, first.token.transient_token) == (again.jti, again.token)
     steps = ["started", "success", "replayed"]

@@ -11,18 +11,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PciTokenizeRequest(_message.Message):
-    __slots__ = ("request_id", "capture_context", "card_ref", "timeout", "withdraw")
+    __slots__ = ("request_id", "capture_context", "card_ref", "timeout", "withdraw", "repeat")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CARD_REF_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     WITHDRAW_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     capture_context: str
     card_ref: str
     timeout: _duration_pb2.Duration
     withdraw: bool
-    def __init__(self, request_id: _Optional[str] = ..., capture_context: _Optional[str] = ..., card_ref: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., withdraw: _Optional[bool] = ...) -> None: ...
+    repeat: bool
+    def __init__(self, request_id: _Optional[str] = ..., capture_context: _Optional[str] = ..., card_ref: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., withdraw: _Optional[bool] = ..., repeat: _Optional[bool] = ...) -> None: ...
 
 class PciTokenizeResult(_message.Message):
     __slots__ = ("request_id", "token", "error")
