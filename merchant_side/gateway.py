@@ -245,7 +245,7 @@ class Gateway:
                 ctx = await self._context_for(job, ctx)
                 return await self._attempt(job, ctx)
             except CaptureContextExpired as exc:
-                if job.unknown:  # PciRelay keeps no answer for it: only a retry later may know
+                if job.unknown:  # PciRelay has no kept answer for it: only a later retry may
                     raise _unknown(job) from None
                 ctx, last = None, exc
             except _RECOVERABLE as exc:

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pci_side.vault.errors import VaultIntegrityError
-from pci_side.vault.store import CardRow, WrappedDek
+from pci_side.vault.store import CardRow, ReleaseRow, WrappedDek
 from relay.cards import CardData, Pan, SecurityCode
 from relay.errors import InvalidCardData
 from relay.secrets import Secret
@@ -111,23 +111,47 @@ def rewrap_dek(
     return _seal(new_kek.get_secret_value(), dek, _dek_aad(row.card_ref, new_version))
 
 
-def seal_token(cc_jti: str, key_version: int, token: str, kek: Secret[bytes]) -> bytes:
+def seal_token(row: ReleaseRow, token: str, kek: Secret[bytes]) -> bytes:
     """A released transient token (a bearer credential) sealed under the KEK.
 
-    The seal is bound to its capture context and KEK version.
+    The seal covers every other column of its row (context, merchant, request, card_ref, token
+    jti, expiry, KEK version), so a row edited in the database no longer opens.
     """
-    aad = _token_aad(cc_jti, key_version)
-    return _seal(kek.get_secret_value(), token.encode("ascii"), aad)
+    return _seal(kek.get_secret_value(), token.encode("ascii"), _release_aad(row))
 
 
-def open_token(cc_jti: str, key_version: int, sealed: bytes, kek: Secret[bytes]) -> str:
-    """The token seal_token sealed; VaultIntegrityError if it was altered or moved."""
-    opened = _open(cc_jti, kek.get_secret_value(), sealed, _token_aad(cc_jti, key_version))
+def open_token(row: ReleaseRow, kek: Secret[bytes]) -> str:
+    """The token seal_token sealed; VaultIntegrityError if the row was altered or moved."""
+    sealed = row.sealed_token
+    if not sealed.startswith(_FORMAT) or len(sealed) < 1 + _NONCE_BYTES + 16:
+        raise _release_error(row.cc_jti)
+    nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
+    try:
+        opened = AESGCM(kek.get_secret_value()).decrypt(nonce, body, _release_aad(row))
+    except InvalidTag:
+        raise _release_error(row.cc_jti) from None
     return opened.decode("ascii")
 
 
-def _token_aad(cc_jti: str, key_version: int) -> bytes:
-    return json.dumps([_RELEASE_LABEL, cc_jti, key_version], separators=(",", ":")).encode("utf-8")
+def _release_aad(row: ReleaseRow) -> bytes:
+    fields = [
+        _RELEASE_LABEL,
+        row.cc_jti,
+        row.merchant_id,
+        row.request_id,
+        row.card_ref,
+        row.tt_jti,
+        row.expires_at,
+        row.key_version,
+    ]
+    return json.dumps(fields, separators=(",", ":")).encode("utf-8")
+
+
+def _release_error(cc_jti: str) -> VaultIntegrityError:
+    return VaultIntegrityError(
+        "a kept release failed its integrity check: the row was moved, edited or corrupted",
+        cc_jti=cc_jti,
+    )
 
 
 def _unwrap(card_ref: str, key_version: int, wrapped: bytes, kek: Secret[bytes]) -> bytes:

@@ -247,11 +247,12 @@ class PostgresStore:
         if not entries:
             return []
         async with self._connection() as conn, conn.transaction():
-            if releases:
-                await _keep_releases(conn, releases, entries[0][0])
+            # The head lock first: every append, releases included, then queues in one order.
             cursor = await conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
             head = await cursor.fetchone()
             assert head is not None
+            if releases:
+                await _keep_releases(conn, releases, entries[0][0])
             stored = chain(int(head[0]), str(head[1]), entries)
             async with conn.cursor() as writer:
                 await writer.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])

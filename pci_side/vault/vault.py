@@ -53,6 +53,7 @@ __all__ = [
 Clock = Callable[[], dt.datetime]
 
 NOT_FOUND_MESSAGE: Final = "card not found"
+KEPT_RELEASE_MARGIN_SECONDS: Final = 30
 MAX_PAGE: Final = 10_000
 _log = structlog.get_logger("pci_side.vault")
 
@@ -247,10 +248,12 @@ class CardVault:
             request_id,
             card_ref,
         )
-        if row is None or not same or row.expires_at <= self._clock().timestamp():
+        # A token about to expire is of no use to hand back: a fresh tokenization is.
+        usable_until = row.expires_at - KEPT_RELEASE_MARGIN_SECONDS if row is not None else 0
+        if row is None or not same or usable_until <= self._clock().timestamp():
             return None
         kek = await self._keyring.key(row.key_version)
-        token = open_token(row.cc_jti, row.key_version, row.sealed_token, kek)
+        token = open_token(row, kek)
         return Released(
             cc_jti, merchant_id, request_id, card_ref, token, row.tt_jti, row.expires_at
         )
@@ -267,7 +270,7 @@ class CardVault:
 
     def _release_row(self, released: Released) -> ReleaseRow:
         version, kek = self._keyring.current()
-        return ReleaseRow(
+        row = ReleaseRow(
             released.cc_jti,
             released.merchant_id,
             released.request_id,
@@ -275,8 +278,9 @@ class CardVault:
             released.tt_jti,
             released.expires_at,
             version,
-            seal_token(released.cc_jti, version, released.token, kek),
+            b"",
         )
+        return dataclasses.replace(row, sealed_token=seal_token(row, released.token, kek))
 
     async def verify_audit(self, *, batch_size: int = 1000) -> AuditVerdict:
         """Walk the chain up to the head read at the start, and report the first broken link."""

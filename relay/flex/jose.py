@@ -93,10 +93,11 @@ def verify_capture_context(  # noqa: PLR0913  the key and the claims' knobs, key
     ctx = _capture_context_from(unverified_cc, kid, claims)
     if ctx.issued_at > now + leeway:
         raise CaptureContextInvalid("capture context is issued in the future", jti=ctx.jti)
-    if ctx.expires_at <= now and not ignore_expiry:
-        raise CaptureContextExpired("capture context has expired", jti=ctx.jti)
     if ctx.origin not in allowed_origins:
         raise CaptureContextInvalid("capture context origin is not allowed", jti=ctx.jti)
+    # Last: an expired context has passed every other check (a repeat may still be answered).
+    if ctx.expires_at <= now and not ignore_expiry:
+        raise CaptureContextExpired("capture context has expired", jti=ctx.jti)
     return ctx
 
 

@@ -101,3 +101,22 @@ async def test_a_release_is_kept_in_the_transaction_of_its_success(
     assert [("cc-1",)] == run_sql(vault_config, "SELECT cc_jti FROM releases")
     verdict = await vault.verify_audit()
     assert (True, 1) == (verdict.ok, verdict.checked)
+
+
+async def test_a_release_whose_clear_columns_were_edited_does_not_open(
+    vault: CardVault, vault_config: VaultConfig
+) -> None:
+    """Rewriting who a release belongs to in the database breaks its seal: no token comes out."""
+    await keep(vault, released(later(900)))
+    run_sql(
+        vault_config,
+        "UPDATE releases SET merchant_id = 'm2', request_id = 'order-9', card_ref = 'card-9'",
+    )
+    with pytest.raises(VaultIntegrityError):
+        await vault.kept_release("cc-1", "m2", "order-9", "card-9")
+
+
+async def test_a_release_about_to_expire_is_not_handed_back(vault: CardVault) -> None:
+    """A token with less than the margin left is of no use to a caller: none comes back."""
+    await keep(vault, released(later(10)))
+    assert await vault.kept_release("cc-1", "m1", "order-1", "card-1") is None
