@@ -91,7 +91,7 @@ def _with_sealed(row: CardRow, dek: bytes, plaintext: bytes, kek: Secret[bytes])
 def open_card(row: CardRow, kek: Secret[bytes]) -> CardData:
     """Unwrap the DEK and decrypt the card; VaultIntegrityError if anything does not check out."""
     dek = _unwrap(row.card_ref, row.key_version, row.wrapped_dek, kek)
-    plaintext = _open(row.card_ref, dek, row.ciphertext, _record_aad(row))
+    plaintext = _open(dek, row.ciphertext, _record_aad(row), _integrity_error(row.card_ref))
     try:
         secret = json.loads(plaintext)
         pan = Pan(secret["pan"])
@@ -122,14 +122,8 @@ def seal_token(row: ReleaseRow, token: str, kek: Secret[bytes]) -> bytes:
 
 def open_token(row: ReleaseRow, kek: Secret[bytes]) -> str:
     """The token seal_token sealed; VaultIntegrityError if the row was altered or moved."""
-    sealed = row.sealed_token
-    if not sealed.startswith(_FORMAT) or len(sealed) < 1 + _NONCE_BYTES + 16:
-        raise _release_error(row.cc_jti)
-    nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
-    try:
-        opened = AESGCM(kek.get_secret_value()).decrypt(nonce, body, _release_aad(row))
-    except InvalidTag:
-        raise _release_error(row.cc_jti) from None
+    broken = _release_error(row.cc_jti)
+    opened = _open(kek.get_secret_value(), row.sealed_token, _release_aad(row), broken)
     return opened.decode("ascii")
 
 
@@ -155,7 +149,8 @@ def _release_error(cc_jti: str) -> VaultIntegrityError:
 
 
 def _unwrap(card_ref: str, key_version: int, wrapped: bytes, kek: Secret[bytes]) -> bytes:
-    dek = _open(card_ref, kek.get_secret_value(), wrapped, _dek_aad(card_ref, key_version))
+    aad = _dek_aad(card_ref, key_version)
+    dek = _open(kek.get_secret_value(), wrapped, aad, _integrity_error(card_ref))
     if len(dek) != _DEK_BYTES:
         raise _integrity_error(card_ref)
     return dek
@@ -184,14 +179,15 @@ def _seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     return _FORMAT + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
-def _open(card_ref: str, key: bytes, sealed: bytes, aad: bytes) -> bytes:
+def _open(key: bytes, sealed: bytes, aad: bytes, broken: VaultIntegrityError) -> bytes:
+    """Decrypt what _seal sealed, or raise `broken` (which names the row, never its content)."""
     if not sealed.startswith(_FORMAT) or len(sealed) < 1 + _NONCE_BYTES + 16:
-        raise _integrity_error(card_ref)
+        raise broken
     nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
     try:
         return AESGCM(key).decrypt(nonce, body, aad)
     except InvalidTag:
-        raise _integrity_error(card_ref) from None
+        raise broken from None
 
 
 def _integrity_error(card_ref: str) -> VaultIntegrityError:
