@@ -243,14 +243,14 @@ class CardVault:
     ) -> Released | None:
         """What cc_jti released for this very request, while its token lives; else None."""
         row = await self._store.find_release(cc_jti)
-        same = row is not None and (row.merchant_id, row.request_id, row.card_ref) == (
+        if row is None or (row.merchant_id, row.request_id, row.card_ref) != (
             merchant_id,
             request_id,
             card_ref,
-        )
+        ):
+            return None
         # A token about to expire is of no use to hand back: a fresh tokenization is.
-        usable_until = row.expires_at - KEPT_RELEASE_MARGIN_SECONDS if row is not None else 0
-        if row is None or not same or usable_until <= self._clock().timestamp():
+        if row.expires_at - KEPT_RELEASE_MARGIN_SECONDS <= self._clock().timestamp():
             return None
         kek = await self._keyring.key(row.key_version)
         token = open_token(row, kek)
