@@ -17,7 +17,7 @@ import os
 from collections.abc import AsyncIterator
 from importlib import resources
 
-from pci_side.ratelimit import RateLimiter
+from relay.ratelimit import RateLimiter
 from pci_side.server import PciRelayService
 from pci_side.tokenize import Tokenizer
 from pci_side.vault import NewCard, open_vault

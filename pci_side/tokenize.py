@@ -23,7 +23,7 @@ import time
 
 import structlog
 
-from pci_side.ratelimit import RateLimiter
+from relay.ratelimit import RateLimiter
 from pci_side.releases import Release, ReleaseKey, Releases
 from pci_side.vault import AuditEntry, CardVault, Released
 from relay.errors import (

@@ -3,6 +3,7 @@
 RelayError                       INTERNAL             INTERNAL
  +- CaptureContextInvalid        INVALID_ARGUMENT     CAPTURE_CONTEXT_INVALID
  |   +- CaptureContextExpired    FAILED_PRECONDITION  CAPTURE_CONTEXT_EXPIRED
+ +- CaptureContextReused         FAILED_PRECONDITION  CAPTURE_CONTEXT_REUSED (one release per CC)
  +- TransientTokenInvalid        INTERNAL             TRANSIENT_TOKEN_INVALID
  |   +- TokenExpired             FAILED_PRECONDITION  TOKEN_EXPIRED
  +- InvalidCardData              INVALID_ARGUMENT     INVALID_CARD_DATA
@@ -77,6 +78,16 @@ class CaptureContextExpired(CaptureContextInvalid):
     status = grpc.StatusCode.FAILED_PRECONDITION
     reason = "CAPTURE_CONTEXT_EXPIRED"
     retryable = True
+
+
+class CaptureContextReused(RelayError):
+    """The capture context was already used for another release: create a new session.
+
+    Not a CaptureContextInvalid: the context is genuine, and a retry under a new one succeeds.
+    """
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "CAPTURE_CONTEXT_REUSED"
 
 
 class TransientTokenInvalid(RelayError):

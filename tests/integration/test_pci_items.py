@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from pci_side.ratelimit import RateLimiter
+from relay.ratelimit import RateLimiter
 from pci_side.tokenize import Tokenizer, TokenizeRequest
 from pci_side.vault import AuditEntry, CardVault
 from relay.flex.client import FlexClient, new_http_client

@@ -19,6 +19,7 @@ EXPECTED: dict[str, tuple[grpc.StatusCode, str, bool, bool]] = {
     "RelayError": (S.INTERNAL, "INTERNAL", True, False),
     "CaptureContextInvalid": (S.INVALID_ARGUMENT, "CAPTURE_CONTEXT_INVALID", True, False),
     "CaptureContextExpired": (S.FAILED_PRECONDITION, "CAPTURE_CONTEXT_EXPIRED", True, True),
+    "CaptureContextReused": (S.FAILED_PRECONDITION, "CAPTURE_CONTEXT_REUSED", True, False),
     "TransientTokenInvalid": (S.INTERNAL, "TRANSIENT_TOKEN_INVALID", False, False),
     "TokenExpired": (S.FAILED_PRECONDITION, "TOKEN_EXPIRED", True, False),
     "InvalidCardData": (S.INVALID_ARGUMENT, "INVALID_CARD_DATA", True, False),

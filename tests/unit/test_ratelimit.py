@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pci_side.ratelimit import RateLimiter
+from relay.ratelimit import RateLimiter
 from relay.errors import RateLimited
 
 

@@ -55,17 +55,19 @@ class TokenResult(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., card_ref: _Optional[str] = ..., token: _Optional[_Union[TransientToken, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
 
 class TransientToken(_message.Message):
-    __slots__ = ("transient_token", "jti", "expires_at", "masked_pan", "bin", "card_type")
+    __slots__ = ("transient_token", "jti", "expires_at", "masked_pan", "bin", "card_type", "receipt")
     TRANSIENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     JTI_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     MASKED_PAN_FIELD_NUMBER: _ClassVar[int]
     BIN_FIELD_NUMBER: _ClassVar[int]
     CARD_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     transient_token: str
     jti: str
     expires_at: _timestamp_pb2.Timestamp
     masked_pan: str
     bin: str
     card_type: str
-    def __init__(self, transient_token: _Optional[str] = ..., jti: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., masked_pan: _Optional[str] = ..., bin: _Optional[str] = ..., card_type: _Optional[str] = ...) -> None: ...
+    receipt: str
+    def __init__(self, transient_token: _Optional[str] = ..., jti: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., masked_pan: _Optional[str] = ..., bin: _Optional[str] = ..., card_type: _Optional[str] = ..., receipt: _Optional[str] = ...) -> None: ...
