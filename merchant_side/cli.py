@@ -19,11 +19,13 @@ from merchant_side.gateway import Gateway
 from merchant_side.ledger import Ledger, open_ledger
 from merchant_side.pci_client import PciClient, open_channel
 from merchant_side.server import MerchantGatewayService
+from relay import rpc
 from relay.config import MerchantConfig, MerchantSettings
 from relay.errors import RelayError
 from relay.flex.client import FlexClient, new_http_client
 from relay.logging import configure_logging
-from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
+from relay.pb.v1 import merchant_gateway_pb2
+from relay.ratelimit import RateLimiter
 from relay.serving import (
     Served,
     add_serve_arguments,
@@ -33,7 +35,8 @@ from relay.serving import (
     with_overrides,
 )
 
-SERVICE_NAME = merchant_gateway_pb2.DESCRIPTOR.services_by_name["MerchantGateway"].full_name
+SERVICE = merchant_gateway_pb2.DESCRIPTOR.services_by_name["MerchantGateway"]
+SERVICE_NAME = SERVICE.full_name
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,15 +75,15 @@ async def running(config: MerchantConfig) -> AsyncIterator[Served]:
                 gateway,
                 PciClient(channel, config.pci),
                 bulk_concurrency=config.bulk_concurrency,
+                limiter=RateLimiter(config.app_rate, config.app_burst),
+                insecure_dev=config.server.insecure_dev,
                 draining=draining,
             )
             served = await start_server(
                 new_server(),
                 config.server,
                 [SERVICE_NAME],
-                register=lambda s: merchant_gateway_pb2_grpc.add_MerchantGatewayServicer_to_server(  # type: ignore[no-untyped-call]
-                    service, s
-                ),
+                register=lambda s: rpc.add_service(s, service, SERVICE),
             )
             served.draining = draining
             purger = asyncio.create_task(_purge_forever(ledger), name="ledger-purge")

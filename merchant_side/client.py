@@ -6,6 +6,12 @@
 
 Failures raise the relay's own errors (relay.errors), rebuilt from the gRPC status, so a
 caller can `except CardNotFound` or check `exc.retryable`.
+
+Each token carries the PCI side's signed receipt of its release. An app checks it offline with
+the PCI side's public receipt key (`relay pci receipt-key public`)::
+
+    receipt = token.verify_receipt(pci_receipt_public_pem)   # ReceiptInvalid if it does not hold
+    # or: verify_receipt(token.receipt, pem, transient_token=token.transient_token)
 """
 
 from __future__ import annotations
@@ -20,9 +26,21 @@ from typing import Any, Self
 import grpc
 
 from relay import rpc
-from relay.errors import RelayError
+from relay.errors import ReceiptInvalid, RelayError
 from relay.flex.fields import FieldSpec
 from relay.pb.v1 import common_pb2, merchant_gateway_pb2, merchant_gateway_pb2_grpc
+from relay.receipts import Receipt, verify_receipt
+
+__all__ = [
+    "MerchantClient",
+    "Outcome",
+    "Receipt",
+    "ReceiptInvalid",
+    "Request",
+    "Session",
+    "Token",
+    "verify_receipt",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,6 +64,15 @@ class Token:
     masked_pan: str
     bin: str
     card_type: str
+    receipt: str = dataclasses.field(default="", repr=False)
+    """The PCI side's signed receipt of this release (a compact JWS); see verify_receipt."""
+
+    def verify_receipt(self, public_key_pem: bytes) -> Receipt:
+        """The receipt's claims, checked against the PCI side's key and bound to this token.
+
+        Raises ReceiptInvalid if the receipt is missing, forged, or for another token.
+        """
+        return verify_receipt(self.receipt, public_key_pem, transient_token=self.transient_token)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -199,4 +226,5 @@ def _token(result: merchant_gateway_pb2.TokenResult) -> Token:
         masked_pan=token.masked_pan,
         bin=token.bin,
         card_type=token.card_type,
+        receipt=token.receipt,
     )

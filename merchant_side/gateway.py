@@ -4,7 +4,9 @@ The capture context is verified here before PciRelay sees it, and the transient 
 verified against the one-time key of the context we created, so a PciRelay (or a network) that
 returns someone else's token is caught.
 
-A request_id is tokenized at most once, whatever the caller does:
+Requests are the calling app's own: (app_id, request_id) names one in the ledger and at
+PciRelay, so apps never see each other's requests or tokens. A request is tokenized at most
+once, whatever the caller does:
 
 - it is claimed in the ledger with a short lease, renewed while the work runs, so a replica
   that dies hands its ids to another within one lease, not after the caller's deadline;
@@ -15,7 +17,9 @@ A request_id is tokenized at most once, whatever the caller does:
   the request at PciRelay, and an answer already on its way is still recorded, so the caller's
   retry gets that token; a claim is released only once nothing can come of it;
 - a context that expired, or a PciRelay that is unavailable or restarting, costs another try
-  with jittered backoff, for as long as the caller's deadline allows.
+  with jittered backoff, for as long as the caller's deadline allows; a context PciRelay will
+  not release a card under again (used by another request, or its attempt failed at Flex)
+  costs a new session.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from relay.config import MerchantConfig
 from relay.errors import (
     CaptureContextExpired,
     CaptureContextInvalid,
+    CaptureContextReused,
     DeadlineExceeded,
     FlexUnavailable,
     OutcomeUnknown,
@@ -50,6 +55,9 @@ from relay.flex.models import CaptureContext
 from relay.ids import check_card_ref, check_request_id
 
 _RECOVERABLE = (CaptureContextExpired, Unavailable, FlexUnavailable, Withdrawn)
+_SPENT = (CaptureContextReused, FlexUnavailable)
+"""Answers after which a capture context cannot go out again (PciRelay releases a card once
+per context, and answers its failure to a repeat): the next try takes a new session."""
 _log = structlog.get_logger("merchant_side.gateway")
 
 LEASE_SECONDS: Final = 5.0
@@ -63,11 +71,13 @@ MAX_BACKOFF_SECONDS: Final = 1.0
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TokenRequest:
-    """One card to tokenize, named by the caller's request_id for idempotency."""
+    """One card to tokenize, named by the calling app's request_id for idempotency."""
 
     request_id: str
     card_ref: str
     fields: tuple[FieldSpec, ...] = ()
+    app_id: str = dataclasses.field(kw_only=True)
+    """The calling app (merchant_side.identity): the namespace of request_id."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -139,9 +149,10 @@ class Gateway:
         seconds = deadline if deadline is not None else self._config.default_deadline
         until = self._clock() + seconds
         with structlog.contextvars.bound_contextvars(
-            request_id=request.request_id, card_ref=request.card_ref
+            app_id=request.app_id, request_id=request.request_id, card_ref=request.card_ref
         ):
             claim = await self._ledger.claim(
+                request.app_id,
                 request.request_id,
                 request.card_ref,
                 lease_seconds=self._pacing.lease_seconds,
@@ -163,9 +174,12 @@ class Gateway:
                 self._caller_left(job)
                 raise
 
-    async def get_token(self, request_id: str) -> TokenRecord:
-        """The live token recorded under request_id."""
-        record = await self._ledger.get(request_id)
+    async def get_token(self, app_id: str, request_id: str) -> TokenRecord:
+        """The live token app_id recorded under request_id.
+
+        Another app's request_id answers exactly as an unknown one: no oracle across apps.
+        """
+        record = await self._ledger.get(app_id, request_id)
         if record is None:
             raise TokenNotFound("no live token for this request_id", request_id=request_id)
         return record
@@ -193,13 +207,15 @@ class Gateway:
 
     def _caller_left(self, job: _Job) -> None:
         job.caller_left = True
-        job.link.withdraw(job.request.request_id)
+        job.link.withdraw(job.request.app_id, job.request.request_id)
         _log.info("token_caller_left")
 
     async def _own(self, job: _Job) -> TokenRecord:
         """Hold the claim while the job runs; record, release or leave it as the outcome says."""
         request_id = job.request.request_id
-        keeper = asyncio.create_task(self._keep_lease(request_id), name="ledger-lease")
+        keeper = asyncio.create_task(
+            self._keep_lease(job.request.app_id, request_id), name="ledger-lease"
+        )
         try:
             record = await self._attempts(job)
         except _LeaseLost:
@@ -216,19 +232,19 @@ class Gateway:
         return record
 
     async def _release(self, job: _Job) -> None:
-        request_id = job.request.request_id
+        app_id, request_id = job.request.app_id, job.request.request_id
         if job.unknown:
             # PciRelay may have tokenized it: leave the claim, with its context, to the retry.
-            await self._ledger.renew(request_id, 0.0)
+            await self._ledger.renew(app_id, request_id, 0.0)
             _log.info("token_outcome_unknown")
         else:
-            await self._ledger.abandon(request_id)
+            await self._ledger.abandon(app_id, request_id)
 
-    async def _keep_lease(self, request_id: str) -> None:
+    async def _keep_lease(self, app_id: str, request_id: str) -> None:
         while True:
             await asyncio.sleep(self._pacing.lease_seconds / 3)
             try:
-                held = await self._ledger.renew(request_id, self._pacing.lease_seconds)
+                held = await self._ledger.renew(app_id, request_id, self._pacing.lease_seconds)
             except RelayError as exc:
                 _log.warning("ledger_renew_failed", reason=exc.reason)
                 continue
@@ -248,6 +264,9 @@ class Gateway:
                 if job.unknown:  # PciRelay has no kept answer for it: only a later retry may
                     raise _unknown(job) from None
                 ctx, last = None, exc
+            except _SPENT as exc:
+                job.unknown = False  # a definite answer: no token was released under ctx
+                ctx, last = None, exc
             except _RECOVERABLE as exc:
                 last = exc
             wait = self._pacing.jitter() * min(MAX_BACKOFF_SECONDS, 0.05 * 2 ** min(attempt, 10))
@@ -262,7 +281,7 @@ class Gateway:
         left = self._left(job.until) - ANSWER_MARGIN_SECONDS
         if left <= 0:
             raise DeadlineExceeded("the request's deadline passed")
-        if not await self._ledger.note_attempt(request.request_id, ctx.raw):
+        if not await self._ledger.note_attempt(request.app_id, request.request_id, ctx.raw):
             raise _LeaseLost
         if job.caller_left:  # checked last: nothing goes out for a caller who has left
             raise Withdrawn("the caller left", request_id=request.request_id)
@@ -270,7 +289,12 @@ class Gateway:
         job.sent.add(ctx.jti)
         try:
             token = await job.link.tokenize(
-                request.request_id, ctx.raw, request.card_ref, timeout=left, repeat=repeat
+                request.app_id,
+                request.request_id,
+                ctx.raw,
+                request.card_ref,
+                timeout=left,
+                repeat=repeat,
             )
         except RelayError as exc:
             job.unknown = job.unknown or isinstance(exc, OutcomeUnknown)
@@ -305,6 +329,7 @@ class Gateway:
     def _record(self, request: TokenRequest, token: PciToken, ctx: CaptureContext) -> TokenRecord:
         verified = self._flex.verify_transient_token(token.transient_token, ctx)
         return TokenRecord(
+            app_id=request.app_id,
             request_id=request.request_id,
             card_ref=request.card_ref,
             transient_token=verified.raw,
@@ -313,6 +338,7 @@ class Gateway:
             masked_pan=verified.masked_pan,
             bin=verified.bin,
             card_type=verified.card_type,
+            receipt=token.receipt,  # the app verifies it: the gateway only passes it on
         )
 
     def _left(self, until: float) -> float:

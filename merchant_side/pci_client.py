@@ -42,6 +42,8 @@ class PciToken:
     transient_token: str = dataclasses.field(repr=False)
     jti: str
     expires_at: int
+    receipt: str = dataclasses.field(default="", repr=False)
+    """PciRelay's signed receipt for this release, passed on to the app unverified."""
 
 
 def open_channel(config: PciClientConfig) -> grpc.aio.Channel:
@@ -71,8 +73,9 @@ def open_channel(config: PciClientConfig) -> grpc.aio.Channel:
 class PciLink(Protocol):
     """A way to PciRelay for one request at a time: unary calls, or one multiplexed stream."""
 
-    async def tokenize(
+    async def tokenize(  # noqa: PLR0913  one request's fields
         self,
+        app_id: str,
         request_id: str,
         capture_context: str,
         card_ref: str,
@@ -80,7 +83,7 @@ class PciLink(Protocol):
         timeout: float,
         repeat: bool = False,
     ) -> PciToken:
-        """Send one request; PciRelay drops it unsent once `timeout` seconds have passed.
+        """Send app_id's request; PciRelay drops it unsent once `timeout` seconds have passed.
 
         repeat: this context went out before for this request without an answer.
 
@@ -89,7 +92,7 @@ class PciLink(Protocol):
         """
         ...
 
-    def withdraw(self, request_id: str) -> None:
+    def withdraw(self, app_id: str, request_id: str) -> None:
         """The caller has left: ask PciRelay to drop the request if it has not sent it yet."""
         ...
 
@@ -104,8 +107,9 @@ class PciClient:
             ((MERCHANT_METADATA_KEY, config.merchant_id),) if config.insecure_dev else ()
         )
 
-    async def tokenize(
+    async def tokenize(  # noqa: PLR0913  one request's fields
         self,
+        app_id: str,
         request_id: str,
         capture_context: str,
         card_ref: str,
@@ -114,7 +118,9 @@ class PciClient:
         repeat: bool = False,
     ) -> PciToken:
         """See PciLink.tokenize: one Tokenize call that outlives the item's timeout."""
-        request = _request(request_id, capture_context, card_ref, timeout, repeat)
+        request = _request(
+            app_id, request_id, capture_context, card_ref, timeout=timeout, repeat=repeat
+        )
         try:
             result = await self._stub.Tokenize(
                 request, timeout=timeout + ANSWER_GRACE_SECONDS, metadata=self._metadata
@@ -123,7 +129,7 @@ class PciClient:
             raise _answer_or_unknown(exc, request_id) from None
         return _token_of(result)
 
-    def withdraw(self, request_id: str) -> None:
+    def withdraw(self, app_id: str, request_id: str) -> None:
         """Nothing to do: a unary request is dropped unsent by its own timeout."""
 
     def stream(self) -> PciStream:
@@ -147,8 +153,9 @@ class PciStream:
         self._withdrawals: set[asyncio.Task[None]] = set()
         self._closing = False
 
-    async def tokenize(
+    async def tokenize(  # noqa: PLR0913  one request's fields
         self,
+        app_id: str,
         request_id: str,
         capture_context: str,
         card_ref: str,
@@ -156,7 +163,11 @@ class PciStream:
         timeout: float,
         repeat: bool = False,
     ) -> PciToken:
-        """See PciLink.tokenize: one item on the stream, and its answer."""
+        """See PciLink.tokenize: one item on the stream, and its answer.
+
+        A stream serves one RequestTokens call, so one app: its items are told apart by
+        request_id alone, as PciRelay's answers are.
+        """
         if self._closing:  # nothing opens a new call behind close()
             raise Unavailable("the PciRelay stream is closing", request_id=request_id)
         if request_id in self._pending:
@@ -168,7 +179,16 @@ class PciStream:
             async with self._lock:  # one writer at a time; gRPC flow control applies per write
                 call = await self._ensure_call()
                 self._add(request_id, call, future)
-                await call.write(_request(request_id, capture_context, card_ref, timeout, repeat))
+                await call.write(
+                    _request(
+                        app_id,
+                        request_id,
+                        capture_context,
+                        card_ref,
+                        timeout=timeout,
+                        repeat=repeat,
+                    )
+                )
         except grpc.aio.AioRpcError as exc:
             self._discard(request_id, future)
             raise rpc.error_from_rpc(exc) from None
@@ -177,10 +197,12 @@ class PciStream:
             raise
         return await self._answer(request_id, future, timeout + ANSWER_GRACE_SECONDS)
 
-    def withdraw(self, request_id: str) -> None:
+    def withdraw(self, app_id: str, request_id: str) -> None:
         """See PciLink.withdraw: a withdrawal on the stream, if the request is still pending."""
         if request_id in self._pending:
-            task = asyncio.create_task(self._write_withdrawal(request_id), name="pci-withdraw")
+            task = asyncio.create_task(
+                self._write_withdrawal(app_id, request_id), name="pci-withdraw"
+            )
             self._withdrawals.add(task)
             task.add_done_callback(self._withdrawals.discard)
 
@@ -206,14 +228,16 @@ class PciStream:
         finally:
             self._discard(request_id, future)  # answered, given up on, or its waiter cancelled
 
-    async def _write_withdrawal(self, request_id: str) -> None:
+    async def _write_withdrawal(self, app_id: str, request_id: str) -> None:
         async with self._lock:
             call = self._call
             if call is None or call.done() or request_id not in self._pending:
                 return
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await call.write(
-                    pci_relay_pb2.PciTokenizeRequest(request_id=request_id, withdraw=True)
+                    pci_relay_pb2.PciTokenizeRequest(
+                        app_id=app_id, request_id=request_id, withdraw=True
+                    )
                 )
 
     def _add(self, request_id: str, call: object, future: asyncio.Future[PciToken]) -> None:
@@ -263,11 +287,21 @@ class PciStream:
                 self._call = None
 
 
-def _request(
-    request_id: str, capture_context: str, card_ref: str, timeout: float, repeat: bool
+def _request(  # noqa: PLR0913  one request's fields
+    app_id: str,
+    request_id: str,
+    capture_context: str,
+    card_ref: str,
+    *,
+    timeout: float,
+    repeat: bool,
 ) -> pci_relay_pb2.PciTokenizeRequest:
     request = pci_relay_pb2.PciTokenizeRequest(
-        request_id=request_id, capture_context=capture_context, card_ref=card_ref, repeat=repeat
+        app_id=app_id,
+        request_id=request_id,
+        capture_context=capture_context,
+        card_ref=card_ref,
+        repeat=repeat,
     )
     request.timeout.FromTimedelta(dt.timedelta(seconds=max(timeout, 0.0)))
     return request
@@ -283,7 +317,11 @@ def _answer_or_unknown(exc: grpc.aio.AioRpcError, request_id: str) -> RelayError
 def _token_of(result: pci_relay_pb2.PciTokenizeResult) -> PciToken:
     token = result.token
     return PciToken(
-        result.request_id, token.transient_token, token.jti, token.expires_at.ToSeconds()
+        result.request_id,
+        token.transient_token,
+        token.jti,
+        token.expires_at.ToSeconds(),
+        token.receipt,
     )
 
 

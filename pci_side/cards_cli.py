@@ -1,6 +1,9 @@
 """`relay cards ...`: the card vault's operator commands.
 
-`import`, `list`, `grant`, `revoke`, `rotate-key`, `audit verify` and `audit unfinished`.
+`import`, `list`, `grant`, `revoke`, `rotate-key`, `audit verify`, `audit unfinished` and
+`audit export`. Every action but the read-only audit ones leaves an `admin` record in the audit
+chain (after the action, also when an import was cut short), naming the operator: `--operator`,
+else the OS user.
 Settings come from the environment only (RELAY_VAULT_*, secrets from *_FILE paths), as for every
 relay command; the flags are each command's own arguments. Results go to stdout; rejected rows,
 progress and logs to stderr. Log lines start at warning unless RELAY_LOG_LEVEL asks for more, so
@@ -18,10 +21,11 @@ import asyncio
 import dataclasses
 import datetime as dt
 import functools
+import getpass
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -44,11 +48,13 @@ from pci_side.vault import (
     UNCHANGED,
     CardSummary,
     CardVault,
+    CvvRetention,
     NewCard,
+    RotationReport,
     append_version,
     open_vault,
 )
-from pci_side.vault.audit import format_at
+from pci_side.vault.audit import OUTCOMES, StoredAuditEntry, format_at
 from relay.cards import CARD_TYPE_NAMES
 from relay.config import EnvReader, VaultSettings, log_level
 from relay.errors import RelayError
@@ -83,6 +89,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="the PCI side's card vault: import, list, grants, key rotation, audit",
         description="Operate the card vault named by RELAY_VAULT_URL (or RELAY_VAULT_URL_FILE).",
     )
+    cards.add_argument(
+        "--operator",
+        type=_identifier("merchant_id"),
+        metavar="NAME",
+        help="who runs the command, for the audit chain (default: the OS user)",
+    )
     actions = cards.add_subparsers(dest="action", required=True, metavar="ACTION")
     _add_import(actions)
     _add_list(actions)
@@ -94,6 +106,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="first append a freshly generated KEK version to RELAY_VAULT_KEK_FILE",
     )
     rotate.set_defaults(func=_guarded(_rotate_key))
+    purge = actions.add_parser(
+        "purge-cvv",
+        help="delete every stored CVV older than RELAY_VAULT_CVV_MAX_AGE (the worker also does)",
+    )
+    purge.set_defaults(func=_guarded(_purge_cvv))
     audit = actions.add_parser("audit", help="the tokenization audit log")
     audit_actions = audit.add_subparsers(dest="audit_action", required=True, metavar="ACTION")
     verify = audit_actions.add_parser("verify", help="walk the hash chain; exit 1 if broken")
@@ -104,6 +121,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "exit 1 if there are any",
     )
     unfinished.set_defaults(func=_guarded(_audit_unfinished))
+    _add_export(audit_actions)
+
+
+def _add_export(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = actions.add_parser(
+        "export",
+        help="write the chain to stdout in seq order, one JSON object a line",
+        description="Export audit records with their hashes. Times are ISO 8601; one without a "
+        "zone is UTC. --since is inclusive, --until exclusive.",
+    )
+    export.add_argument("--format", choices=["jsonl"], default="jsonl", help="default jsonl")
+    export.add_argument("--since", metavar="ISO8601", help="records at or after this time")
+    export.add_argument("--until", metavar="ISO8601", help="records before this time")
+    export.add_argument("--merchant", metavar="ID", help="records of this merchant_id")
+    export.add_argument("--outcome", metavar="OUTCOME", help=", ".join(sorted(OUTCOMES)))
+    export.set_defaults(func=_guarded(_audit_export))
 
 
 def _add_import(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -223,6 +256,16 @@ def _err(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
+def _operator(args: argparse.Namespace) -> str:
+    """--operator, else the OS user: who the audit chain names for an admin record."""
+    if args.operator:
+        return str(args.operator)
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        return f"uid:{os.getuid()}"
+
+
 # --- import ------------------------------------------------------------------------------------
 
 
@@ -255,7 +298,9 @@ def _import(args: argparse.Namespace) -> int:
         progress = Progress(sys.stderr, total=total)
         rows = read_rows(read_lines(stream), fmt, today=dt.datetime.now(dt.UTC).date())
         try:
-            tally = asyncio.run(_import_rows(rows, settings, args.batch_size, progress))
+            tally = asyncio.run(
+                _import_rows(rows, settings, args.batch_size, progress, _operator(args))
+            )
         except ImportFileError as exc:
             _err(f"relay: {args.file}: {exc}")
             return 2
@@ -278,9 +323,17 @@ def _estimate_rows(stream: BinaryIO, fmt: Format) -> int | None:
 
 
 async def _import_rows(
-    rows: Iterable[Row], settings: VaultSettings | None, batch_size: int, progress: Progress
+    rows: Iterable[Row],
+    settings: VaultSettings | None,
+    batch_size: int,
+    progress: Progress,
+    operator: str,
 ) -> _Tally:
-    """Write the valid rows batch by batch, each batch one transaction; report the rest."""
+    """Write the valid rows batch by batch, each batch one transaction; report the rest.
+
+    The admin record is written once the vault was opened, also when the file turns out bad
+    part-way: the batches before that are in the vault.
+    """
     tally = _Tally()
     batches = _batches(rows, batch_size)
     # The first batch is read before the vault is opened, so a bad header never touches it.
@@ -290,8 +343,18 @@ async def _import_rows(
             _record(batch, {}, tally, progress)
         return tally
     async with await open_vault(settings.vault) as vault:
-        for batch in _chain(first, batches):
-            _record(batch, await _write(vault, batch), tally, progress)
+        complete = False
+        try:
+            for batch in _chain(first, batches):
+                _record(batch, await _write(vault, batch), tally, progress)
+            complete = True
+        finally:
+            detail = (
+                f"created={tally.created} unchanged={tally.unchanged} rejected={tally.rejected}"
+            )
+            await vault.record_admin(
+                "import", operator, detail + ("" if complete else " aborted=1")
+            )
     return tally
 
 
@@ -362,11 +425,17 @@ def _summary(tally: _Tally, seconds: float, *, dry_run: bool) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    summaries = _with_vault(lambda vault: vault.list_cards(limit=args.limit, after=args.after))
+    async def run(vault: CardVault) -> list[CardSummary]:
+        summaries = await vault.list_cards(limit=args.limit, after=args.after)
+        await vault.record_admin("list", _operator(args), f"shown={len(summaries)}")
+        return summaries
+
+    summaries = _with_vault(run)
     if args.json:
         for summary in summaries:
             _out(json.dumps(card_json(summary)))
         return 0
+    _out(f"CVV policy: {CvvRetention.of(VaultSettings.from_env(os.environ).vault).describe()}")
     _out(card_table(summaries))
     if len(summaries) == args.limit:
         _err(f"more cards may follow: relay cards list --after {summaries[-1].card_ref}")
@@ -429,7 +498,12 @@ def _type_name(code: str | None) -> str:
 
 
 def _grant(args: argparse.Namespace) -> int:
-    added = _with_vault(lambda vault: vault.grant(args.card_ref, args.merchant_id))
+    async def run(vault: CardVault) -> bool:
+        added = await vault.grant(args.card_ref, args.merchant_id)
+        await _record_grant_change(vault, args, "grant", changed=added)
+        return added
+
+    added = _with_vault(run)
     if added:
         _out(f"granted {args.card_ref} to merchant {args.merchant_id}")
     else:
@@ -437,8 +511,25 @@ def _grant(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _record_grant_change(
+    vault: CardVault, args: argparse.Namespace, action: str, *, changed: bool
+) -> None:
+    await vault.record_admin(
+        action,
+        _operator(args),
+        f"changed={int(changed)}",
+        merchant_id=args.merchant_id,
+        card_ref=args.card_ref,
+    )
+
+
 def _revoke(args: argparse.Namespace) -> int:
-    removed = _with_vault(lambda vault: vault.revoke(args.card_ref, args.merchant_id))
+    async def run(vault: CardVault) -> bool:
+        removed = await vault.revoke(args.card_ref, args.merchant_id)
+        await _record_grant_change(vault, args, "revoke", changed=removed)
+        return removed
+
+    removed = _with_vault(run)
     if removed:
         _out(f"revoked merchant {args.merchant_id}'s grant on {args.card_ref}")
     else:
@@ -451,8 +542,28 @@ def _rotate_key(args: argparse.Namespace) -> int:
     if args.generate:
         version = append_version(settings.vault.kek_file)
         _out(f"added KEK version {version} to RELAY_VAULT_KEK_FILE")
-    report = _with_vault(lambda vault: vault.rotate_key(), settings)
+    report = _with_vault(functools.partial(_rotate_and_record, operator=_operator(args)), settings)
     _out(f"rewrapped {report.rewrapped} keys; current KEK version {report.current_version}")
+    return 0
+
+
+async def _rotate_and_record(vault: CardVault, *, operator: str) -> RotationReport:
+    report = await vault.rotate_key()
+    detail = f"rewrapped={report.rewrapped} version={report.current_version}"
+    await vault.record_admin("rotate_key", operator, detail)
+    return report
+
+
+def _purge_cvv(args: argparse.Namespace) -> int:
+    async def run(vault: CardVault) -> int:
+        purged = await vault.purge_expired_security_codes()
+        await vault.record_admin("purge_cvv", _operator(args), f"purged={purged}")
+        return purged
+
+    settings = _configure()
+    purged = _with_vault(run, settings)
+    max_age = settings.vault.cvv_max_age
+    _out(f"purged {purged} CVVs stored {max_age} s or more ago")
     return 0
 
 
@@ -479,3 +590,94 @@ def _audit_verify(args: argparse.Namespace) -> int:  # noqa: ARG001  the command
         return 0
     _out(f"audit chain broken at record {verdict.first_broken}: {verdict.problem}")
     return 1
+
+
+# --- audit export ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ExportFilter:
+    """Which records an export writes; the empty filter writes them all."""
+
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    merchant: str | None = None
+    outcome: str | None = None
+
+    def accepts(self, stored: StoredAuditEntry) -> bool:
+        """Whether a record passes every filter that is set."""
+        entry = stored.entry
+        return (
+            (self.since is None or stored.at >= self.since)
+            and (self.until is None or stored.at < self.until)
+            and (self.merchant is None or entry.merchant_id == self.merchant)
+            and (self.outcome is None or entry.outcome == self.outcome)
+        )
+
+    def detail(self) -> str:
+        """The filters as key=value pairs, for the export's own admin record."""
+        pairs = {
+            "since": None if self.since is None else format_at(self.since),
+            "until": None if self.until is None else format_at(self.until),
+            "merchant": self.merchant,
+            "outcome": self.outcome,
+        }
+        return " ".join(f"{key}={value}" for key, value in pairs.items() if value is not None)
+
+
+class _FilterError(ValueError):
+    """A filter value the export cannot use; its text is the whole error line."""
+
+
+def _export_filter(args: argparse.Namespace) -> _ExportFilter:
+    since, until = _parse_time("--since", args.since), _parse_time("--until", args.until)
+    if since is not None and until is not None and since >= until:
+        raise _FilterError("--since must be before --until")
+    if args.merchant is not None and (problem := id_problem("merchant_id", args.merchant)):
+        raise _FilterError(f"--merchant: {problem}")
+    if args.outcome is not None and args.outcome not in OUTCOMES:
+        raise _FilterError("--outcome must be one of " + ", ".join(sorted(OUTCOMES)))
+    return _ExportFilter(since, until, args.merchant, args.outcome)
+
+
+def _parse_time(flag: str, text: str | None) -> dt.datetime | None:
+    if text is None:
+        return None
+    try:
+        at = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise _FilterError(f"{flag} must be an ISO 8601 time, e.g. 2026-01-31T00:00:00Z") from None
+    return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at
+
+
+def _export_line(stored: StoredAuditEntry) -> str:
+    fields: dict[str, object] = dataclasses.asdict(stored.entry)
+    fields.update(
+        seq=stored.seq, at=format_at(stored.at), prev_hash=stored.prev_hash, hash=stored.hash
+    )
+    return json.dumps(fields, sort_keys=True)
+
+
+async def _export(vault: CardVault, chosen: _ExportFilter, operator: str) -> int:
+    """Write the chosen records in seq order; record the export; return how many were written."""
+    count = 0
+    pages: AsyncIterator[list[StoredAuditEntry]] = vault.audit_pages()
+    async for page in pages:
+        lines = [_export_line(stored) for stored in page if chosen.accepts(stored)]
+        if lines:
+            _out("\n".join(lines))
+        count += len(lines)
+    sys.stdout.flush()
+    detail = " ".join(filter(None, ["format=jsonl", chosen.detail(), f"exported={count}"]))
+    await vault.record_admin("export", operator, detail)
+    return count
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    try:
+        chosen = _export_filter(args)
+    except _FilterError as exc:
+        _err(f"relay: cards audit export: {exc}")
+        return 2
+    _with_vault(lambda vault: _export(vault, chosen, _operator(args)))
+    return 0

@@ -16,16 +16,23 @@ import json
 import os
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 
-from relay.ratelimit import RateLimiter
+import structlog
+
+from pci_side.presence import Presence
 from pci_side.server import PciRelayService
 from pci_side.tokenize import Tokenizer
-from pci_side.vault import NewCard, open_vault
+from pci_side.vault import CardVault, NewCard, open_vault
+from relay import rpc
 from relay.cards import CardData, Pan, SecurityCode
 from relay.config import PciConfig, PciSettings, VaultSettings
+from relay.errors import ConfigError
 from relay.flex.client import FlexClient, new_http_client
 from relay.logging import configure_logging
-from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
+from relay.pb.v1 import pci_relay_pb2
+from relay.ratelimit import Rate
+from relay.receipts import ReceiptSigner, generate_receipt_key
 from relay.serving import (
     Served,
     add_serve_arguments,
@@ -35,7 +42,9 @@ from relay.serving import (
     with_overrides,
 )
 
-SERVICE_NAME = pci_relay_pb2.DESCRIPTOR.services_by_name["PciRelay"].full_name
+SERVICE = pci_relay_pb2.DESCRIPTOR.services_by_name["PciRelay"]
+SERVICE_NAME = SERVICE.full_name
+_log = structlog.get_logger("pci_side.cli")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +63,49 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     seed.add_argument("--merchant", required=True, help="the merchant id granted every card")
     seed.set_defaults(func=_seed_demo)
+    _register_receipt_key(actions)
+
+
+def _register_receipt_key(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`pci receipt-key generate|public`: the Ed25519 key that signs release receipts."""
+    receipt_key = actions.add_parser("receipt-key", help="the key that signs release receipts")
+    steps = receipt_key.add_subparsers(dest="step", required=True)
+    generate = steps.add_parser(
+        "generate", help="write a new Ed25519 private key (PEM, mode 0600) for the PCI side"
+    )
+    generate.add_argument("--out", required=True, help="the file to create; never overwritten")
+    generate.set_defaults(func=_generate_receipt_key)
+    public = steps.add_parser(
+        "public", help="print the public key (PEM) that merchant apps verify receipts with"
+    )
+    public.add_argument("--key", required=True, help="the private key file")
+    public.set_defaults(func=_print_receipt_public_key)
+
+
+def _generate_receipt_key(args: argparse.Namespace) -> int:
+    """Create the key file with mode 0600 from the start; refuse to replace an existing file."""
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        message = f"{args.out} already exists: receipt keys are never overwritten"
+        raise ConfigError([message]) from None
+    except OSError:
+        raise ConfigError([f"{args.out} cannot be created"]) from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(generate_receipt_key())
+    return 0
+
+
+def _print_receipt_public_key(args: argparse.Namespace) -> int:
+    """Print the public half of the key file: safe to hand to every merchant."""
+    try:
+        signer = ReceiptSigner(Path(args.key).read_bytes())
+    except OSError:
+        raise ConfigError([f"{args.key} cannot be read"]) from None
+    except ValueError:
+        raise ConfigError([f"{args.key} does not hold an Ed25519 private key in PEM"]) from None
+    print(signer.public_pem().decode("ascii"), end="")  # noqa: T201  the command's output
+    return 0
 
 
 def _seed_demo(args: argparse.Namespace) -> int:
@@ -108,24 +160,47 @@ async def running(config: PciConfig) -> AsyncIterator[Served]:
         tokenizer = Tokenizer(
             vault,
             FlexClient(http, config.flex),
-            RateLimiter(config.rate_per_second, config.rate_burst),
+            Rate(config.rate_per_second, config.rate_burst),
+            receipts=ReceiptSigner(config.receipt_key.get_secret_value()),
         )
-        draining = asyncio.Event()
-        service = PciRelayService(
-            tokenizer,
-            concurrency=config.stream_concurrency,
-            insecure_dev=config.server.insecure_dev,
-            draining=draining,
-        )
-        served = await start_server(
-            new_server(),
-            config.server,
-            [SERVICE_NAME],
-            register=lambda s: pci_relay_pb2_grpc.add_PciRelayServicer_to_server(service, s),  # type: ignore[no-untyped-call]
-        )
-        served.draining = draining
+        # Beating before serving: a context this process claims is never held by the silent.
+        async with Presence(vault, tokenizer.instance_id):
+            draining = asyncio.Event()
+            service = PciRelayService(
+                tokenizer,
+                record_refusal=vault.record_refusal,
+                concurrency=config.stream_concurrency,
+                insecure_dev=config.server.insecure_dev,
+                draining=draining,
+            )
+            served = await start_server(
+                new_server(),
+                config.server,
+                [SERVICE_NAME],
+                register=lambda s: rpc.add_service(
+                    s, service, SERVICE, on_unparseable=service.unparseable
+                ),
+            )
+            served.draining = draining
+            sweeper = asyncio.create_task(sweep_security_codes(vault), name="cvv-sweep")
+            try:
+                yield served
+            finally:
+                sweeper.cancel()
+                await asyncio.wait([sweeper])
+                await served.close()
+                await tokenizer.drain()  # before leaving: nothing of ours is in flight
+
+
+async def sweep_security_codes(vault: CardVault) -> None:
+    """Delete expired CVVs at start, then every sweep interval, until cancelled.
+
+    A failed sweep is logged and the next one tries again: the worker keeps serving.
+    """
+    interval = vault.cvv_retention.sweep_interval
+    while True:
         try:
-            yield served
-        finally:
-            await served.close()
-            await tokenizer.drain()
+            await vault.purge_expired_security_codes()
+        except Exception as exc:  # noqa: BLE001  logged by type only: a message may quote values
+            _log.error("vault_cvv_purge_failed", error=type(exc).__name__)
+        await asyncio.sleep(interval)

@@ -6,6 +6,9 @@ verify the transient token), sequentially and then with C in flight.
 
 `relay bench e2e` starts the whole local stack (relay.stack) and measures the three-party
 path: plain sequential RequestToken calls next to one RequestTokens bulk stream.
+
+The sides add scenarios of their own through the `relay.bench` entry-point group (pci_side:
+`relay bench records`, the cost of each per-token record on a real vault).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import importlib.metadata
 import os
 import secrets
 import statistics
@@ -32,6 +36,7 @@ from relay.procs import Child
 from relay.stack import local_stack
 
 T = TypeVar("T")
+SCENARIO_GROUP = "relay.bench"
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,12 +57,22 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--pool-size", type=int, default=700, help="simulator one-time keys made ahead"
     )
     e2e.set_defaults(func=lambda a: asyncio.run(bench_e2e(a.requests, a.sequential, a.pool_size)))
+    # Scenarios of the sides (relay knows neither): e.g. pci_side's `records`.
+    for entry_point in sorted(
+        importlib.metadata.entry_points(group=SCENARIO_GROUP), key=lambda ep: ep.name
+    ):
+        entry_point.load()(scenarios)
 
 
 async def bench_e2e(requests: int, sequential: int, pool_size: int) -> int:
     """Tokens/s and latency through merchant gateway, PciRelay and the simulator."""
-    # The per-merchant rate limit guards against enumeration; a bench is one merchant on purpose.
-    limits = {"RELAY_PCI_RATE_PER_SECOND": "100000", "RELAY_PCI_RATE_BURST": "100000"}
+    # The rate limits guard against enumeration; a bench is one merchant and one app on purpose.
+    limits = {
+        "RELAY_PCI_RATE_PER_SECOND": "100000",
+        "RELAY_PCI_RATE_BURST": "100000",
+        "RELAY_MERCHANT_APP_RATE": "100000",
+        "RELAY_MERCHANT_APP_BURST": "100000",
+    }
     async with local_stack(pool_size=pool_size, settings=limits) as stack:
         # One-time RSA keys are made at ~20-25/s on this kind of machine; let the pool fill so
         # the numbers measure the relay, not the simulator's keygen.

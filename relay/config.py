@@ -2,7 +2,9 @@
 
 `Settings.from_env(env)` runs once per entry point and is passed down. Secrets come from
 `RELAY_*_FILE` paths (or, for local use, the variable itself) into Secret. Every problem is
-collected into one ConfigError naming variables, never values.
+collected into one ConfigError naming variables, never values. Every secret or key file is
+read (or, for files others read later, checked) with `relay.secrets.read_secret_file`: a file
+other users may read is refused, except group-read by RELAY_SECRET_FILES_GROUP (Kubernetes).
 """
 
 from __future__ import annotations
@@ -16,11 +18,23 @@ from pathlib import Path
 
 from relay.errors import ConfigError
 from relay.flex.signing import decode_shared_secret
-from relay.secrets import Secret
+from relay.receipts import ReceiptSigner
+from relay.secrets import (
+    SECRET_FILES_GROUP_VARIABLE,
+    Secret,
+    check_secret_file,
+    read_secret_file,
+    secret_files_group,
+)
 
 DEFAULT_FLEX_URL = "https://apitest.cybersource.com"
 DEFAULT_LEDGER_URL = "sqlite:///relay-ledger.db"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CVV_DELETE_AFTER_USE = "delete-after-use"
+CVV_KEEP = "keep"
+CVV_POLICIES = (CVV_DELETE_AFTER_USE, CVV_KEEP)
+DEFAULT_CVV_MAX_AGE = 86_400
+MIN_AUDIT_KEY_BYTES = 32
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,8 +106,17 @@ class VaultConfig:
     """The keyring of key-encryption keys: lines `VERSION:BASE64KEY`; the highest is current."""
     fingerprint_key: Secret[bytes]
     """The HMAC-SHA256 key of card fingerprints, separate from the KEKs (PCI DSS 3.5.1.1)."""
+    audit_key: Secret[bytes]
+    """The HMAC-SHA256 key of the audit chain, so a database writer cannot recompute its hashes."""
     pool_size: int = 10
     """Connections in the PostgreSQL pool."""
+    cvv_policy: str = CVV_DELETE_AFTER_USE
+    """What a successful tokenization does to a stored CVV (PCI DSS 4.0 3.3.1.2, 3.3.3):
+    `delete-after-use` deletes it; `keep` is for issuers with a documented business need."""
+    cvv_max_age: int = DEFAULT_CVV_MAX_AGE
+    """Seconds after its card was stored past which a CVV is deleted, under either policy."""
+    secret_files_group: int | None = None
+    """RELAY_SECRET_FILES_GROUP: the group that may read the KEK file (see read_secret_file)."""
 
     @property
     def backend(self) -> str:
@@ -131,6 +154,8 @@ class PciConfig:
     server: ServerConfig
     flex: FlexConfig
     vault: VaultConfig
+    receipt_key: Secret[bytes]
+    """RELAY_PCI_RECEIPT_KEY_FILE: the Ed25519 private key (PEM) that signs release receipts."""
     rate_per_second: float = 50.0
     """Sustained tokenizations per second allowed to one merchant."""
     rate_burst: int = 100
@@ -177,6 +202,11 @@ class MerchantConfig:
     default_deadline: float = 30.0
     """Seconds a request may take when the caller set no deadline; recovery (a fresh session,
     PciRelay unavailable or restarting) retries with backoff for as long as this allows."""
+    app_rate: float = 50.0
+    """Calls per second each merchant app may make, sustained (every RPC, and each item of a
+    RequestTokens stream, counts one)."""
+    app_burst: int = 100
+    """Calls each merchant app may make at once, above app_rate."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -209,6 +239,8 @@ class MerchantSettings:
             ),
             bulk_concurrency=reader.integer("RELAY_MERCHANT_BULK_CONCURRENCY", 32),
             default_deadline=reader.number("RELAY_MERCHANT_DEFAULT_DEADLINE_SECONDS", 30.0),
+            app_rate=reader.number("RELAY_MERCHANT_APP_RATE", 50.0),
+            app_burst=reader.integer("RELAY_MERCHANT_APP_BURST", 100),
         )
         check_ledger_url(reader, merchant.ledger_url.get_secret_value(), insecure_dev=insecure_dev)
         settings = cls(merchant, log_level(reader))
@@ -241,7 +273,7 @@ def pci_client_config(reader: EnvReader, *, insecure_dev: bool) -> PciClientConf
     config = PciClientConfig(
         target=reader.get("RELAY_MERCHANT_PCI_TARGET", "127.0.0.1:50051") or "",
         tls_cert_file=reader.path("RELAY_MERCHANT_PCI_TLS_CERT_FILE"),
-        tls_key_file=reader.path("RELAY_MERCHANT_PCI_TLS_KEY_FILE"),
+        tls_key_file=reader.secret_path("RELAY_MERCHANT_PCI_TLS_KEY_FILE"),
         ca_file=reader.path("RELAY_MERCHANT_PCI_CA_FILE"),
         server_name=reader.get("RELAY_MERCHANT_PCI_SERVER_NAME"),
         insecure_dev=insecure_dev,
@@ -290,6 +322,7 @@ class PciSettings:
             ),
             flex=flex_config(reader),
             vault=vault_config(reader),
+            receipt_key=Secret(receipt_key(reader)),
             rate_per_second=reader.number("RELAY_PCI_RATE_PER_SECOND", 50.0),
             rate_burst=reader.integer("RELAY_PCI_RATE_BURST", 100),
             stream_concurrency=reader.integer("RELAY_PCI_STREAM_CONCURRENCY", 32),
@@ -299,13 +332,30 @@ class PciSettings:
         return settings
 
 
+def receipt_key(reader: EnvReader) -> bytes:
+    """RELAY_PCI_RECEIPT_KEY_FILE: required, an Ed25519 private key in PEM (see relay.receipts)."""
+    name = "RELAY_PCI_RECEIPT_KEY_FILE"
+    if reader.get(name) is None:
+        reader.problem(f"{name} is required (create one with `relay pci receipt-key generate`)")
+        return b""
+    pem = reader.secret_bytes(name)
+    if pem is None:
+        return b""
+    try:
+        ReceiptSigner(pem)
+    except ValueError:
+        reader.problem(f"{name} does not hold an Ed25519 private key in PEM")
+        return b""
+    return pem
+
+
 def log_level(reader: EnvReader) -> str:
     """RELAY_LOG_LEVEL."""
     return reader.choice("RELAY_LOG_LEVEL", LOG_LEVELS, "info")
 
 
 def vault_config(reader: EnvReader) -> VaultConfig:
-    """Read RELAY_VAULT_URL (or _FILE), RELAY_VAULT_KEK_FILE, RELAY_VAULT_FINGERPRINT_KEY_FILE."""
+    """Read RELAY_VAULT_URL (or _FILE), RELAY_VAULT_KEK_FILE and the two HMAC key files."""
     url = reader.secret_text("RELAY_VAULT_URL") or reader.get("RELAY_VAULT_URL")
     if url is None:
         reader.problem("RELAY_VAULT_URL or RELAY_VAULT_URL_FILE is required")
@@ -314,7 +364,7 @@ def vault_config(reader: EnvReader) -> VaultConfig:
         reader.problem("RELAY_VAULT_URL must start with sqlite:/// or postgresql://")
     elif reader.get("RELAY_VAULT_URL") and _has_password(url):
         reader.problem("RELAY_VAULT_URL carries a password: use RELAY_VAULT_URL_FILE")
-    kek_file = reader.path("RELAY_VAULT_KEK_FILE")
+    kek_file = reader.secret_path("RELAY_VAULT_KEK_FILE")
     if kek_file is None and reader.get("RELAY_VAULT_KEK_FILE") is None:
         reader.problem("RELAY_VAULT_KEK_FILE is required")
     fingerprint = reader.secret_text("RELAY_VAULT_FINGERPRINT_KEY")
@@ -332,8 +382,30 @@ def vault_config(reader: EnvReader) -> VaultConfig:
         url=Secret(url),
         kek_file=kek_file or "",
         fingerprint_key=Secret(key),
+        audit_key=Secret(_audit_key(reader)),
         pool_size=reader.integer("RELAY_VAULT_POOL_SIZE", 10),
+        cvv_policy=reader.choice("RELAY_VAULT_CVV_POLICY", CVV_POLICIES, CVV_DELETE_AFTER_USE),
+        cvv_max_age=reader.integer("RELAY_VAULT_CVV_MAX_AGE", DEFAULT_CVV_MAX_AGE),
+        secret_files_group=reader.secret_group,
     )
+
+
+def _audit_key(reader: EnvReader) -> bytes:
+    """RELAY_VAULT_AUDIT_KEY_FILE: raw bytes (not text), at least 32 of them."""
+    name = "RELAY_VAULT_AUDIT_KEY_FILE"
+    path = reader.path(name)
+    if path is None:
+        if reader.get(name) is None:
+            reader.problem(f"{name} is required")
+        return b""
+    try:
+        key = read_secret_file(path, name, group=reader.secret_group)
+    except ConfigError as exc:
+        reader.problem("; ".join(exc.problems))
+        return b""
+    if len(key) < MIN_AUDIT_KEY_BYTES:
+        reader.problem(f"{name} must hold at least {MIN_AUDIT_KEY_BYTES} bytes")
+    return key
 
 
 def server_config(
@@ -348,7 +420,7 @@ def server_config(
         host=reader.get(f"{prefix}_HOST", "127.0.0.1") or "127.0.0.1",
         port=reader.integer(f"{prefix}_PORT", default_port, minimum=0),
         tls_cert_file=reader.path(f"{prefix}_TLS_CERT_FILE"),
-        tls_key_file=reader.path(f"{prefix}_TLS_KEY_FILE"),
+        tls_key_file=reader.secret_path(f"{prefix}_TLS_KEY_FILE"),
         client_ca_file=reader.path(f"{prefix}_CLIENT_CA_FILE"),
         insecure_dev=insecure,
         drain_seconds=reader.number(f"{prefix}_DRAIN_SECONDS", 10.0),
@@ -447,6 +519,12 @@ class EnvReader:
         """Wrap the mapping (os.environ in production, a dict in tests)."""
         self._env = env
         self._problems: list[str] = []
+        self.secret_group: int | None = None
+        """RELAY_SECRET_FILES_GROUP: a gid whose members may read secret files (Kubernetes)."""
+        try:
+            self.secret_group = secret_files_group(self.get(SECRET_FILES_GROUP_VARIABLE))
+        except ConfigError as exc:
+            self._problems.extend(exc.problems)
 
     def problem(self, text: str) -> None:
         """Record a problem (a variable name and what is wrong, never its value)."""
@@ -527,14 +605,39 @@ class EnvReader:
             return None
         return value
 
-    def secret_text(self, name: str) -> str | None:
-        """A secret from the file named by NAME_FILE: secrets never sit in the environment."""
-        path = self.path(f"{name}_FILE")
+    def secret_path(self, name: str) -> str | None:
+        """A path to an existing secret file that only its owner (or the secret group) may read.
+
+        For key files another component reads later (TLS keys, the KEK keyring).
+        """
+        path = self.path(name)
+        if path is not None:
+            try:
+                check_secret_file(path, name, group=self.secret_group)
+            except ConfigError as exc:
+                self._problems.extend(exc.problems)
+                return None
+        return path
+
+    def secret_bytes(self, name: str) -> bytes | None:
+        """The bytes of the private secret file named by the variable `name`, or None."""
+        path = self.path(name)
         if path is None:
             return None
         try:
-            return Path(path).read_text(encoding="utf-8").strip() or None
-        except (OSError, UnicodeDecodeError):
+            return read_secret_file(path, name, group=self.secret_group)
+        except ConfigError as exc:
+            self._problems.extend(exc.problems)
+            return None
+
+    def secret_text(self, name: str) -> str | None:
+        """A secret from the file named by NAME_FILE: secrets never sit in the environment."""
+        data = self.secret_bytes(f"{name}_FILE")
+        if data is None:
+            return None
+        try:
+            return data.decode("utf-8").strip() or None
+        except UnicodeDecodeError:
             self.problem(f"{name}_FILE cannot be read as text")
             return None
 

@@ -3,8 +3,8 @@
 relay.stack starts the simulator, the PCI side (its vault seeded with public test cards by the
 PCI side's own command) and the MerchantGateway over mutual TLS. The demo then acts as a
 merchant app: one RequestTokens stream for every demo card, a table of masked results, one
-decoded token, and throughput and latency. With --flex-url and credentials it runs the same
-flow against a real Flex endpoint.
+decoded token, its receipt verified with the PCI side's public key, and throughput and
+latency. With --flex-url and credentials it runs the same flow against a real Flex endpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 
 from relay import rpc
 from relay.cards import CARD_TYPE_NAMES
-from relay.errors import ConfigError
+from relay.errors import ConfigError, ReceiptInvalid
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
 from relay.progress import Progress
+from relay.receipts import verify_receipt
 from relay.stack import LocalStack, RealFlex, local_stack
 
 TEST_FLEX_ORIGINS = "https://apitest.cybersource.com,https://testflex.cybersource.com"
@@ -55,13 +56,16 @@ class Row:
     expires_at: int
     token: str
     seconds: float
+    receipt: str = ""
 
 
 async def run(args: argparse.Namespace) -> int:
     """Start everything, tokenize, report; always shut the children down."""
     async with local_stack(real_flex(args), flex_origins=args.flex_origins) as stack:
         rows, elapsed = await _tokenize(stack, stack.card_refs * args.rounds)
-    return 0 if _report(rows, elapsed) else 1
+    reported = _report(rows, elapsed)
+    verified = _verify_first_receipt(rows, stack.receipt_public_key)
+    return 0 if reported and verified else 1
 
 
 def real_flex(args: argparse.Namespace) -> RealFlex | None:
@@ -120,7 +124,7 @@ def _row(
     token = result.token
     return Row(
         card_ref, token.masked_pan, CARD_TYPE_NAMES.get(token.card_type, token.card_type),
-        token.jti, token.expires_at.ToSeconds(), token.transient_token, seconds,
+        token.jti, token.expires_at.ToSeconds(), token.transient_token, seconds, token.receipt,
     )  # fmt: skip
 
 
@@ -150,6 +154,20 @@ def _report(rows: list[Row], elapsed: float) -> bool:
         f"p99 {p99:.1f} ms"
     )
     return failed == 0
+
+
+def _verify_first_receipt(rows: list[Row], public_key_pem: bytes) -> bool:
+    """Check the first token's receipt offline, as a merchant app would."""
+    first = next((r for r in rows if r.token), None)
+    if first is None:
+        return True
+    try:
+        receipt = verify_receipt(first.receipt, public_key_pem, transient_token=first.token)
+    except ReceiptInvalid as exc:
+        _out(f"receipt NOT verified ({first.card_ref}): {exc.message}")
+        return False
+    _out(f"receipt verified: request_id={receipt.request_id} tt_jti={receipt.tt_jti}")
+    return True
 
 
 def _out(text: str) -> None:

@@ -24,6 +24,7 @@ RelayError                       INTERNAL             INTERNAL
  |   +- FlexUnavailable          UNAVAILABLE          FLEX_UNAVAILABLE (5xx, 429, network)
  |   +- FlexResponseInvalid      UNAVAILABLE          FLEX_RESPONSE_INVALID (bad body or Digest)
  +- PublicKeyNotFound            INVALID_ARGUMENT     PUBLIC_KEY_NOT_FOUND
+ +- ReceiptInvalid               INVALID_ARGUMENT     RECEIPT_INVALID (a release receipt failed)
  +- ConfigError                  startup only: a message and exit code 2, never on the wire
 
 Messages are fixed text plus ids (card_ref, kid, request_id), never values: an exception text
@@ -267,6 +268,13 @@ class PublicKeyNotFound(RelayError):
 
     status = grpc.StatusCode.INVALID_ARGUMENT
     reason = "PUBLIC_KEY_NOT_FOUND"
+
+
+class ReceiptInvalid(RelayError):
+    """A release receipt failed verification: alg, signature, key, claims or token hash."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "RECEIPT_INVALID"
 
 
 class ConfigError(RelayError):

@@ -6,6 +6,7 @@ a trailing newline):
     request_id    1-128 printable ASCII characters, no spaces   [\x21-\x7e]
     card_ref      1-64 characters of A-Z a-z 0-9 _ . : -
     merchant_id   1-64 characters of A-Z a-z 0-9 _ . : -
+    app_id        1-64 characters of A-Z a-z 0-9 _ . : -   (a merchant's app, at the gateway)
 
 Ids are shown in clear in log lines, audit records and gRPC statuses, so an id that holds a card
 number (swapped columns, a careless caller) is refused as well. `holds_card_number` finds a card
@@ -41,6 +42,7 @@ from relay.errors import InvalidRequest
 __all__ = [
     "MAX_LENGTH",
     "IdKind",
+    "check_app_id",
     "check_card_ref",
     "check_merchant_id",
     "check_request_id",
@@ -49,7 +51,7 @@ __all__ = [
     "is_valid_id",
 ]
 
-IdKind = Literal["request_id", "card_ref", "merchant_id"]
+IdKind = Literal["request_id", "card_ref", "merchant_id", "app_id"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,7 +62,12 @@ class _Rule:
     """The rule in words, for messages."""
 
 
-MAX_LENGTH: Final[dict[IdKind, int]] = {"request_id": 128, "card_ref": 64, "merchant_id": 64}
+MAX_LENGTH: Final[dict[IdKind, int]] = {
+    "request_id": 128,
+    "card_ref": 64,
+    "merchant_id": 64,
+    "app_id": 64,
+}
 """The one length limit of each kind; storage (the ledger, the vault) relies on it."""
 
 _NAME_RULE: Final = _Rule(
@@ -74,6 +81,7 @@ _RULES: Final[dict[IdKind, _Rule]] = {
     ),
     "card_ref": _NAME_RULE,
     "merchant_id": _NAME_RULE,
+    "app_id": _NAME_RULE,
 }
 
 _CARD_NUMBER_ADVICE: Final = (
@@ -176,6 +184,11 @@ def check_card_ref(value: object, **ids: str) -> str:
 def check_merchant_id(value: object, **ids: str) -> str:
     """Return value if it is a good merchant_id, else raise InvalidRequest (with ids, if any)."""
     return _check("merchant_id", value, ids)
+
+
+def check_app_id(value: object, **ids: str) -> str:
+    """Return value if it is a good app_id, else raise InvalidRequest (with ids, if any)."""
+    return _check("app_id", value, ids)
 
 
 def _check(kind: IdKind, value: object, ids: dict[str, str]) -> str:

@@ -5,7 +5,19 @@ message (fixed text plus ids) and trailing metadata `relay-reason`, `relay-retry
 `relay-id-<name>` per id; anything else is logged (scrubbed) and becomes INTERNAL "internal
 error", so an unexpected exception text never reaches a caller (STYLE leak 6). Clients map an
 AioRpcError back with `error_from_rpc`, so merchant_side re-raises the class pci_side raised.
-Streams report per-item failures as a pb Error (`error_to_pb` / `error_from_pb`).
+Streams report per-item failures as a pb Error (`refused` / `error_from_pb`).
+
+Every refusal (a call aborted with a RelayError, or a per-item error of a stream) logs one
+`call_refused` line naming the method, the reason, the status and the peer (relay.peers), and
+nothing of the request. An unexpected exception is a failure, not a refusal: it logs
+`rpc_failed` and no `call_refused`.
+
+Services are registered with `add_service`, not the generated `add_*Servicer_to_server`: those
+parse the request before any of our code runs, so bytes that are not the request message would
+end as UNKNOWN naming the parser's exception class. Here the request arrives as bytes and is
+parsed under our error mapping: INVALID_ARGUMENT INVALID_REQUEST "the request could not be
+parsed", a refusal like any other. In a request stream, an item that does not parse aborts the
+whole stream that way (it has no request_id to answer it by).
 """
 
 from __future__ import annotations
@@ -17,18 +29,25 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from relay.errors import DeadlineExceeded, RelayError, Unavailable
+from relay.errors import DeadlineExceeded, InvalidRequest, RelayError, Unavailable
 from relay.pb.v1 import common_pb2
+from relay.peers import peer_of
 
 REASON_KEY = "relay-reason"
 RETRYABLE_KEY = "relay-retryable"
 ID_PREFIX = "relay-id-"
+UNPARSEABLE = "the request could not be parsed"
 _SAFE_VALUE = re.compile(r"^[\x20-\x7e]{0,256}$")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self = TypeVar("Self")
+Context = grpc.aio.ServicerContext[Any, Any]
+RefusalHook = Callable[[Context, str, RelayError], Awaitable[None]]
+"""Told of a request refused before the servicer ran (it did not parse): e.g. to audit it."""
 _log = structlog.get_logger("relay.rpc")
 
 
@@ -41,16 +60,7 @@ def unary(
     async def wrapper(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except RelayError as exc:
-            await abort(context, exc)
-        except Exception:  # noqa: BLE001  the edge: nothing unexpected leaves as text
-            _log.exception("rpc_failed", method=method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable: abort raises")
+        return await _answer(context, method.__name__, lambda: method(self, request, context))
 
     return wrapper
 
@@ -72,17 +82,136 @@ def stream(
         except grpc.aio.AbortError:
             raise
         except RelayError as exc:
-            await abort(context, exc)
+            await refuse(context, method.__name__, exc)
         except Exception:  # noqa: BLE001  the edge: nothing unexpected leaves as text
-            _log.exception("rpc_failed", method=method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            await _fail(context, method.__name__)
 
     return wrapper
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: RelayError) -> None:
+async def _answer(context: Context, name: str, call: Callable[[], Awaitable[Resp]]) -> Resp:
+    """call(), with a RelayError refused and anything else failed as INTERNAL."""
+    try:
+        return await call()
+    except grpc.aio.AbortError:
+        raise
+    except RelayError as exc:
+        await refuse(context, name, exc)
+    except Exception:  # noqa: BLE001  the edge: nothing unexpected leaves as text
+        await _fail(context, name)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _fail(context: Context, name: str) -> None:
+    _log.exception("rpc_failed", method=name)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+async def refuse(context: Context, method: str, exc: RelayError) -> None:
+    """Log the refusal, then abort the call with the error's status."""
+    _log_refusal(context, method, exc)
+    await abort(context, exc)
+
+
+def refused(context: Context, method: str, exc: RelayError) -> common_pb2.Error:
+    """Log the refusal of one stream item; the pb Error that answers it."""
+    _log_refusal(context, method, exc)
+    return error_to_pb(exc)
+
+
+def _log_refusal(context: Context, method: str, exc: RelayError) -> None:
+    _log.warning(
+        "call_refused",
+        method=method,
+        reason=exc.reason,
+        status=exc.status.name,
+        ids={name: value for name, value in exc.ids.items() if _SAFE_VALUE.match(value)},
+        **peer_of(context).log_fields(),
+    )
+
+
+async def abort(context: Context, exc: RelayError) -> None:
     """Abort the call with the error's status, message and reason metadata."""
     await context.abort(exc.status, exc.message, trailing_metadata=error_metadata(exc))
+
+
+def add_service(
+    server: grpc.aio.Server,
+    servicer: object,
+    service: ServiceDescriptor,
+    *,
+    on_unparseable: RefusalHook | None = None,
+) -> None:
+    """Register servicer's methods for service, each parsing its own request bytes."""
+    handlers = {
+        method.name: _method_handler(getattr(servicer, method.name), method, on_unparseable)
+        for method in service.methods
+    }
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+
+
+def _method_handler(
+    bound: Callable[..., Any], method: MethodDescriptor, hook: RefusalHook | None
+) -> grpc.RpcMethodHandler[Any, Any]:
+    parser = _Parser(message_factory.GetMessageClass(method.input_type), method.name, hook)
+    serialize: Callable[[Any], bytes] = _serialize
+    if method.client_streaming and method.server_streaming:
+        # An async generator function: grpc.aio tells streaming handlers apart by that.
+        async def many_to_many(raw: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+            async for item in bound(parser.each(raw, context), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(many_to_many, response_serializer=serialize)
+    if method.client_streaming:
+
+        async def many_to_one(raw: AsyncIterator[bytes], context: Context) -> Any:  # noqa: ANN401
+            return await bound(parser.each(raw, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(many_to_one, response_serializer=serialize)
+    if method.server_streaming:
+
+        async def one_to_many(raw: bytes, context: Context) -> AsyncIterator[Any]:
+            async for item in bound(await parser.one(raw, context), context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(one_to_many, response_serializer=serialize)
+
+    async def one(raw: bytes, context: Context) -> Any:  # noqa: ANN401  a pb message
+        return await bound(await parser.one(raw, context), context)
+
+    return grpc.unary_unary_rpc_method_handler(one, response_serializer=serialize)
+
+
+def _serialize(message: Any) -> bytes:  # noqa: ANN401  a pb message
+    return bytes(message.SerializeToString())
+
+
+class _Parser:
+    """Request bytes to a message; what does not parse is refused as INVALID_REQUEST."""
+
+    def __init__(self, message_class: Any, name: str, hook: RefusalHook | None) -> None:  # noqa: ANN401
+        self._class = message_class
+        self._name = name
+        self._hook = hook
+
+    async def one(self, raw: bytes, context: Context) -> Any:  # noqa: ANN401  a pb message
+        """The request, or the call aborted (hook told first)."""
+        return await _answer(context, self._name, lambda: self._parse(raw, context))
+
+    async def each(self, raw: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+        """The requests of a stream; a bad one raises InvalidRequest into the servicer's stream."""
+        async for item in raw:
+            yield await self._parse(item, context)
+
+    async def _parse(self, raw: bytes, context: Context) -> Any:  # noqa: ANN401  a pb message
+        try:
+            return self._class.FromString(raw)
+        except Exception:  # noqa: BLE001  whatever the parser raises, its text is not sent
+            exc = InvalidRequest(UNPARSEABLE)
+        if self._hook is not None:
+            await self._hook(context, self._name, exc)
+        raise exc
 
 
 def error_metadata(exc: RelayError) -> tuple[tuple[str, str], ...]:

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from relay.cli import port_argument
 from relay.config import ServerConfig
+from relay.corelog import core_log_captured
 from relay.errors import ConfigError
 from relay.tlsfiles import check_ca_bundle, check_key_pair
 
@@ -282,8 +283,16 @@ async def serve_until_signal(
     The TLS files are checked before `running` opens anything (a vault, a ledger), so a bad
     file is one message naming its variable, `{env_prefix}_TLS_KEY_FILE`; env_prefix defaults
     to RELAY_ and the upper-cased name, as `relay pci serve` and `relay merchant serve` read.
+    gRPC C-core's own stderr lines become JSON events meanwhile (relay.corelog).
     """
     server_credentials(config, env_prefix=env_prefix or f"RELAY_{name.upper()}")
+    with core_log_captured():
+        await _serve(running, config, name)
+
+
+async def _serve(
+    running: contextlib.AbstractAsyncContextManager[Served], config: ServerConfig, name: str
+) -> None:
     log = structlog.get_logger(name)
     event = {
         step: f"{name}_{step}" for step in ("insecure_dev", "listening", "draining", "stopped")

@@ -1,10 +1,11 @@
 """A local three-party stack, each party its own `relay` process, as deployed.
 
 Used by `relay demo` and `relay bench`. It writes throwaway certificates (relay.tlsgen), a KEK
-keyring, a fingerprint key and the Flex shared secret into a temp dir (files, mode 0600, as
-Kubernetes Secrets would mount them), starts the Flex simulator (unless a real Flex is named),
-has the PCI side seed its own vault with public test cards (`relay pci seed-demo`: no card
-number passes through this process), then starts PciRelay and the MerchantGateway over
+keyring, a fingerprint key, an audit key, the receipt signing key (and its public half, which
+the demo verifies receipts with) and the Flex shared secret into a temp dir (files, mode 0600,
+as Kubernetes Secrets would mount them), starts the Flex simulator (unless a real Flex is
+named), has the PCI side seed its own vault with public test cards (`relay pci seed-demo`: no
+card number passes through this process), then starts PciRelay and the MerchantGateway over
 mutual TLS on free loopback ports. Leaving the context stops every child with SIGTERM.
 """
 
@@ -27,6 +28,7 @@ import grpc
 from relay import tlsgen
 from relay.errors import ConfigError
 from relay.procs import Child
+from relay.receipts import ReceiptSigner, generate_receipt_key
 
 MERCHANT_ID = "demo_merchant"
 
@@ -52,6 +54,8 @@ class LocalStack:
     app_key_file: Path
     pids: dict[str, int] = dataclasses.field(default_factory=dict)
     """The process id of each child by name ("flexsim", "pci", "merchant"), for CPU readings."""
+    receipt_public_key: bytes = b""
+    """The PCI side's receipt public key (PEM): what a merchant app verifies receipts with."""
 
     def gateway_channel(self) -> grpc.aio.Channel:
         """A mutually authenticated channel to the gateway, as a merchant app (demo-app)."""
@@ -108,6 +112,7 @@ async def local_stack(
                 app_cert_file=Path(files["app_cert"]),
                 app_key_file=Path(files["app_key"]),
                 pids=pids,
+                receipt_public_key=files["receipt_public_key"].encode("ascii"),
             )
 
 
@@ -119,7 +124,7 @@ def _write_secrets(tmp: Path, real: RealFlex | None) -> dict[str, str]:
         ("pci", tlsgen.issue_server(ca)),
         ("gateway", tlsgen.issue_server(ca)),
         ("merchant", tlsgen.issue_client(ca, MERCHANT_ID)),
-        ("app", tlsgen.issue_client(ca, "demo-app")),
+        ("app", tlsgen.issue_app(ca, "demo-app")),
     ):
         cert, key = issued.write(tmp, name)
         files[f"{name}_cert"], files[f"{name}_key"] = str(cert), str(key)
@@ -127,9 +132,23 @@ def _write_secrets(tmp: Path, real: RealFlex | None) -> dict[str, str]:
     files["shared_secret"] = _secret_file(tmp / "shared_secret", secret)
     files["kek"] = _secret_file(tmp / "kek", "1:" + _random_b64())
     files["fingerprint"] = _secret_file(tmp / "fingerprint", _random_b64())
+    files["receipt_key"], files["receipt_public_key"] = _receipt_key(tmp)
+    audit_key = tmp / "audit.key"
+    audit_key.touch(mode=0o600)
+    audit_key.write_bytes(secrets.token_bytes(32))
+    files["audit_key"] = str(audit_key)
     files["merchant_id"] = real.merchant_id if real else MERCHANT_ID
     files["key_id"] = real.key_id if real else "demo-key"
     return files
+
+
+def _receipt_key(tmp: Path) -> tuple[str, str]:
+    """The PCI side's receipt signing key file (0600), and its public half as PEM text."""
+    key = tmp / "receipt.key"
+    key.touch(mode=0o600)
+    pem = generate_receipt_key()
+    key.write_bytes(pem)
+    return str(key), ReceiptSigner(pem).public_pem().decode("ascii")
 
 
 def _random_b64() -> str:
@@ -138,6 +157,7 @@ def _random_b64() -> str:
 
 def _secret_file(path: Path, text: str) -> str:
     path.touch(mode=0o600)
+    path.chmod(0o600)  # touch keeps the mode of a file that exists already
     path.write_text(text + "\n", encoding="utf-8")
     return str(path)
 
@@ -153,9 +173,11 @@ def _env(files: dict[str, str], flex_url: str) -> dict[str, str]:
         RELAY_VAULT_URL=f"sqlite:///{files['dir']}/vault.db",
         RELAY_VAULT_KEK_FILE=files["kek"],
         RELAY_VAULT_FINGERPRINT_KEY_FILE=files["fingerprint"],
+        RELAY_VAULT_AUDIT_KEY_FILE=files["audit_key"],
         RELAY_PCI_TLS_CERT_FILE=files["pci_cert"],
         RELAY_PCI_TLS_KEY_FILE=files["pci_key"],
         RELAY_PCI_CLIENT_CA_FILE=files["ca"],
+        RELAY_PCI_RECEIPT_KEY_FILE=files["receipt_key"],
         RELAY_MERCHANT_TLS_CERT_FILE=files["gateway_cert"],
         RELAY_MERCHANT_TLS_KEY_FILE=files["gateway_key"],
         RELAY_MERCHANT_CLIENT_CA_FILE=files["ca"],

@@ -1,7 +1,8 @@
 """Throwaway certificates for the demo and the tests: a CA, server and client certificates.
 
-A client certificate names its merchant in a SAN URI `urn:relay:merchant:<id>`, which is the
-only identity the PCI side accepts (the CN repeats it for people reading the certificate).
+A client certificate names its holder in a SAN URI: a merchant `urn:relay:merchant:<id>`, the
+only identity the PCI side accepts, or a merchant's app `urn:relay:app:<id>`, the only identity
+the MerchantGateway accepts (the CN repeats it for people reading the certificate).
 Keys are EC P-256: fast to make, and what a modern internal PKI issues.
 """
 
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 MERCHANT_URI_PREFIX = "urn:relay:merchant:"
+APP_URI_PREFIX = "urn:relay:app:"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,6 +34,7 @@ class Issued:
         cert, key = directory / f"{name}.crt", directory / f"{name}.key"
         cert.write_bytes(self.cert_pem)
         key.touch(mode=0o600)
+        key.chmod(0o600)  # touch keeps the mode of a file that exists already
         key.write_bytes(self.key_pem)
         return cert, key
 
@@ -82,11 +85,18 @@ def issue_server(ca: Issued, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
 
 
 def issue_client(ca: Issued, merchant_id: str) -> Issued:
-    """A client certificate naming a merchant (CN and SAN URI)."""
-    sans: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(MERCHANT_URI_PREFIX + merchant_id)
-    ]
-    return _issue(ca, merchant_id, sans, ExtendedKeyUsageOID.CLIENT_AUTH)
+    """A client certificate naming a merchant (CN and SAN URI), for calling PciRelay."""
+    return _issue_named(ca, MERCHANT_URI_PREFIX, merchant_id)
+
+
+def issue_app(ca: Issued, app_id: str) -> Issued:
+    """A client certificate naming a merchant's app (CN and SAN URI), for calling the gateway."""
+    return _issue_named(ca, APP_URI_PREFIX, app_id)
+
+
+def _issue_named(ca: Issued, prefix: str, name: str) -> Issued:
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(prefix + name)]
+    return _issue(ca, name, sans, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
 def _issue(
@@ -123,14 +133,31 @@ def merchant_from_cert(cert_pem: bytes) -> str | None:
     Only the URI counts, never the CN: a CA that also issues app or server certificates must
     not turn their common names into merchant identities.
     """
+    return name_from_cert(cert_pem, MERCHANT_URI_PREFIX)
+
+
+def app_from_cert(cert_pem: bytes) -> str | None:
+    """The app a client certificate names in its SAN URI `urn:relay:app:<id>`.
+
+    As for merchants, only the URI counts: a merchant's certificate (or a server's) issued by
+    the same CA names no app.
+    """
+    return name_from_cert(cert_pem, APP_URI_PREFIX)
+
+
+def name_from_cert(cert_pem: bytes, prefix: str) -> str | None:
+    """What follows prefix in the certificate's first SAN URI that starts with it, else None.
+
+    The caller checks the name against its id rules: this only reads it.
+    """
     cert = x509.load_pem_x509_certificate(cert_pem)
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
     for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(MERCHANT_URI_PREFIX):
-            return uri[len(MERCHANT_URI_PREFIX) :]
+        if uri.startswith(prefix):
+            return uri[len(prefix) :]
     return None
 
 

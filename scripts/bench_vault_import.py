@@ -59,11 +59,17 @@ async def import_rate(config: VaultConfig, cards: Sequence[NewCard], batch: int)
 
 
 def vault_config(url: str, directory: Path, pool_size: int = 4) -> VaultConfig:
-    """A config with a fresh keyring and fingerprint key."""
+    """A config with a fresh keyring, fingerprint key and audit key."""
     kek_file = directory / "kek"
     if not kek_file.exists():
         create_keyring(kek_file)
-    return VaultConfig(Secret(url), str(kek_file), Secret(secrets.token_bytes(32)), pool_size)
+    return VaultConfig(
+        Secret(url),
+        str(kek_file),
+        Secret(secrets.token_bytes(32)),
+        Secret(secrets.token_bytes(32)),
+        pool_size,
+    )
 
 
 @contextmanager

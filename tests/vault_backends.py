@@ -18,7 +18,8 @@ tests/conftest.py (then a session has one PostgreSQL database, not one per direc
   a fresh, empty vault: a new SQLite file under tmp_path, or a new schema in the run's
   PostgreSQL database (selected with ``options=-c search_path=...`` in the URL, so any process
   given the URL, a worker or a CLI subprocess, sees the same schema). It comes with a keyring
-  file of one fresh KEK version (``config.kek_file``) and a random fingerprint key.
+  file of one fresh KEK version (``config.kek_file``), a random fingerprint key and a random
+  audit key.
 - ``sqlite_vault_config`` / ``postgres_vault_config``: the same for one backend only.
 - ``vault``: an open ``CardVault`` on ``vault_config``, closed after the test.
 - ``postgres_server`` (session): an admin DSN. ``RELAY_TEST_POSTGRES_DSN`` if set (it must
@@ -165,13 +166,14 @@ def postgres_schema(database_url: str) -> Iterator[str]:
 
 
 def make_vault_config(url: str, directory: Path, *, pool_size: int = 4) -> VaultConfig:
-    """A VaultConfig for url with a new one-version keyring and a random fingerprint key."""
+    """A VaultConfig for url: a new one-version keyring, random fingerprint and audit keys."""
     kek_file = directory / f"kek-{secrets.token_hex(4)}.txt"
     create_keyring(kek_file)
     return VaultConfig(
         url=Secret(url),
         kek_file=str(kek_file),
         fingerprint_key=Secret(secrets.token_bytes(32)),
+        audit_key=Secret(secrets.token_bytes(32)),
         pool_size=pool_size,
     )
 
@@ -184,10 +186,14 @@ def vault_env(config: VaultConfig, directory: Path) -> dict[str, str]:
     for path, text in ((url_file, config.url.get_secret_value()), (key_file, key)):
         path.write_text(text + "\n", encoding="utf-8")
         path.chmod(0o600)
+    audit_file = directory / f"audit-key-{secrets.token_hex(4)}"
+    audit_file.touch(mode=0o600)
+    audit_file.write_bytes(config.audit_key.get_secret_value())
     return {
         "RELAY_VAULT_URL_FILE": str(url_file),
         "RELAY_VAULT_KEK_FILE": config.kek_file,
         "RELAY_VAULT_FINGERPRINT_KEY_FILE": str(key_file),
+        "RELAY_VAULT_AUDIT_KEY_FILE": str(audit_file),
         "RELAY_VAULT_POOL_SIZE": str(config.pool_size),
     }
 

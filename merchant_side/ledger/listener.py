@@ -1,10 +1,11 @@
-"""LISTEN/NOTIFY for the PostgreSQL ledger: how a waiter learns that a request_id changed.
+"""LISTEN/NOTIFY for the PostgreSQL ledger: how a waiter learns that an entry changed.
 
 Each PostgresLedger keeps one connection, outside its pool, that LISTENs on the ledger's channel;
-complete() and abandon() NOTIFY with the request_id as payload, in the same statement as their
-write, so the notification is sent exactly when the change commits, to every replica. A lost
-connection is reopened in the background; while it is down, and in case a notification is
-missed, waiters also re-check on a timer (PostgresLedger chooses the interval from `listening`).
+complete() and abandon() NOTIFY with the entry's key (app_id and request_id) as payload, in the same
+statement as their write, so the notification is sent exactly when the change commits, to every
+replica. A lost connection is reopened in the background; while it is down, and in case a
+notification is missed, waiters also re-check on a timer (PostgresLedger chooses the interval from
+`listening`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ Connection = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
 class Listener:
-    """Wakes the local waiters of a request_id when any replica NOTIFYs it."""
+    """Wakes the local waiters of an entry when any replica NOTIFYs its key."""
 
     def __init__(self, url: str, channel: str) -> None:
         """Not listening yet: call start()."""
@@ -60,17 +61,17 @@ class Listener:
         self._wake_all()
 
     @contextlib.contextmanager
-    def waiter(self, request_id: str) -> Iterator[asyncio.Event]:
-        """An event set whenever request_id is notified; register it before reading the row."""
+    def waiter(self, key: str) -> Iterator[asyncio.Event]:
+        """An event set whenever key is notified; register it before reading the row."""
         event = asyncio.Event()
-        self._waiters.setdefault(request_id, set()).add(event)
+        self._waiters.setdefault(key, set()).add(event)
         try:
             yield event
         finally:
-            events = self._waiters.get(request_id, set())
+            events = self._waiters.get(key, set())
             events.discard(event)
             if not events:
-                self._waiters.pop(request_id, None)
+                self._waiters.pop(key, None)
 
     async def _listen(self) -> Connection:
         connection = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
@@ -105,8 +106,8 @@ class Listener:
                 _log.info("ledger_listener_restored")
                 return connection
 
-    def _wake(self, request_id: str) -> None:
-        for event in self._waiters.get(request_id, ()):
+    def _wake(self, key: str) -> None:
+        for event in self._waiters.get(key, ()):
             event.set()
 
     def _wake_all(self) -> None:

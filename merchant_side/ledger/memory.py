@@ -1,11 +1,12 @@
 """The in-memory ledger: one process, one event loop, forgotten on restart (--insecure-dev only).
 
-Every state change of a request_id replaces its entry and sets the old entry's event, so a
-waiter sleeps on exactly the entry it saw and wakes on the change, or when that entry's lease
-lapses, or at its deadline: no polling. renew and note_attempt change a pending entry in place:
-a waiter needs no wake-up for them, its lapse timer finds the renewed lease and sleeps again.
-Nothing awaits between looking at an entry and changing it, so on one event loop a claim is
-atomic without a lock. Every entry is this ledger's own, so a pending entry is a held lease.
+Entries are keyed by (app_id, request_id). Every state change of an entry replaces it and sets the
+old entry's event, so a waiter sleeps on exactly the entry it saw and wakes on the change, or when
+that entry's lease lapses, or at its deadline: no polling. renew and note_attempt change a pending
+entry in place: a waiter needs no wake-up for them, its lapse timer finds the renewed lease and
+sleeps again. Nothing awaits between looking at an entry and changing it, so on one event loop a
+claim is atomic without a lock. Every entry is this ledger's own, so a pending entry is a held
+lease.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ PURGE_EVERY: Final = 256
 
 _log = structlog.get_logger("merchant_side.ledger")
 
+_Key = tuple[str, str]
+"""(app_id, request_id)."""
+
 
 @dataclasses.dataclass(slots=True)
 class _Entry:
@@ -61,26 +65,33 @@ class MemoryLedger:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         """Start empty; clock gives epoch seconds (injectable so tests can move time)."""
         self._clock = clock
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[_Key, _Entry] = {}
         self._claims = 0
 
     async def claim(
-        self, request_id: str, card_ref: str, *, lease_seconds: float, wait_seconds: float
+        self,
+        app_id: str,
+        request_id: str,
+        card_ref: str,
+        *,
+        lease_seconds: float,
+        wait_seconds: float,
     ) -> Claim:
         """See Ledger.claim."""
         check_request_id(request_id)
         self._purge_now_and_then()
+        key = (app_id, request_id)
         deadline = asyncio.get_running_loop().time() + wait_seconds
         while True:
             now = self._clock()
-            entry = self._entries.get(request_id)
+            entry = self._entries.get(key)
             if entry is None or entry.free_at(now):
                 attempt = (
                     None
                     if entry is None
                     else kept_attempt(entry.record, entry.card_ref, entry.attempt, card_ref)
                 )
-                self._replace(request_id, _Entry(card_ref, now + lease_seconds, attempt=attempt))
+                self._replace(key, _Entry(card_ref, now + lease_seconds, attempt=attempt))
                 if entry is not None and entry.record is None:
                     _log.warning("ledger_lease_lapsed", request_id=request_id)
                 return Claim(None, attempt)
@@ -92,35 +103,36 @@ class MemoryLedger:
 
     async def complete(self, record: TokenRecord) -> None:
         """See Ledger.complete."""
-        entry = self._entries.get(record.request_id)
+        key = (record.app_id, record.request_id)
+        entry = self._entries.get(key)
         if entry is not None and entry.keeps_out(record.card_ref, self._clock()):
             # The first live record is the answer every duplicate already got: keep it.
             _log.warning("ledger_complete_ignored", request_id=record.request_id)
             return
-        self._replace(record.request_id, _Entry(record.card_ref, 0.0, record))
+        self._replace(key, _Entry(record.card_ref, 0.0, record))
 
-    async def abandon(self, request_id: str) -> None:
+    async def abandon(self, app_id: str, request_id: str) -> None:
         """See Ledger.abandon."""
-        if self._pending(request_id) is not None:
-            self._replace(request_id, None)
+        if self._pending((app_id, request_id)) is not None:
+            self._replace((app_id, request_id), None)
 
-    async def renew(self, request_id: str, lease_seconds: float) -> bool:
+    async def renew(self, app_id: str, request_id: str, lease_seconds: float) -> bool:
         """See Ledger.renew."""
-        entry = self._pending(request_id)
+        entry = self._pending((app_id, request_id))
         if entry is not None:
             entry.lease_until = self._clock() + lease_seconds
         return entry is not None
 
-    async def note_attempt(self, request_id: str, capture_context: str) -> bool:
+    async def note_attempt(self, app_id: str, request_id: str, capture_context: str) -> bool:
         """See Ledger.note_attempt."""
-        entry = self._pending(request_id)
+        entry = self._pending((app_id, request_id))
         if entry is not None:
             entry.attempt = capture_context
         return entry is not None
 
-    async def get(self, request_id: str) -> TokenRecord | None:
+    async def get(self, app_id: str, request_id: str) -> TokenRecord | None:
         """See Ledger.get."""
-        entry = self._entries.get(request_id)
+        entry = self._entries.get((app_id, request_id))
         if entry is None or entry.record is None or not entry.record.live_at(self._clock()):
             return None
         return entry.record
@@ -138,14 +150,14 @@ class MemoryLedger:
         """Entries held, live or not yet purged."""
         return len(self._entries)
 
-    def _pending(self, request_id: str) -> _Entry | None:
-        entry = self._entries.get(request_id)
+    def _pending(self, key: _Key) -> _Entry | None:
+        entry = self._entries.get(key)
         return entry if entry is not None and entry.record is None else None
 
-    def _replace(self, request_id: str, entry: _Entry | None) -> None:
-        old = self._entries.pop(request_id, None)
+    def _replace(self, key: _Key, entry: _Entry | None) -> None:
+        old = self._entries.pop(key, None)
         if entry is not None:
-            self._entries[request_id] = entry
+            self._entries[key] = entry
         if old is not None:
             old.changed.set()
 

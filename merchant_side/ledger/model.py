@@ -1,6 +1,9 @@
 """What the token ledger stores and promises: TokenRecord, Claim and the Ledger protocol.
 
-The ledger makes RequestToken idempotent. A request_id is *claimed* before any work: the first
+The ledger makes RequestToken idempotent. Requests are keyed by (app_id, request_id): each
+merchant app (named by its client certificate) has its own request ids, so the same request_id
+from two apps is two requests, and no operation of one app reaches another's entries. A
+request_id is *claimed* before any work: the first
 caller gets a lease and tokenizes, later callers with the same request_id wait for its result
 instead of tokenizing again, and the result is replayed while its transient token (TT) lives.
 Every backend (memory.py, sqlite.py, postgres.py) shares these types and the rules written
@@ -11,7 +14,7 @@ seconds. Before it sends a capture context (CC) to the PCI side, the holder note
 lease; a caller that takes over the lapsed lease is handed that CC (Claim.previous_attempt) and
 can ask the PCI side what became of that very attempt instead of tokenizing again.
 
-State of one request_id, on every backend::
+State of one (app_id, request_id), on every backend::
 
     (absent) --claim--> pending: owner, lease_until, attempt
                            |  renew (owner): lease_until = now + lease_seconds
@@ -68,6 +71,8 @@ MAX_REQUEST_ID_LENGTH: Final = MAX_LENGTH["request_id"]
 class TokenRecord:
     """The recorded result of one RequestToken: what a repeated request_id gets back."""
 
+    app_id: str
+    """The merchant app that asked: only its own calls ever see this record."""
     request_id: str
     card_ref: str
     transient_token: str = dataclasses.field(repr=False)
@@ -81,6 +86,9 @@ class TokenRecord:
     """The first six digits."""
     card_type: str
     """The Cybersource card-type code, e.g. "001"."""
+    receipt: str = dataclasses.field(default="", repr=False)
+    """The PCI side's signed receipt for this release, passed on unverified ("" when none);
+    long and no id, so out of the repr."""
 
     def live_at(self, now: float) -> bool:
         """Whether the token is still usable at now (epoch seconds)."""
@@ -106,12 +114,18 @@ class Claim:
 
 
 class Ledger(Protocol):
-    """The merchant side's record of issued transient tokens, keyed by request_id."""
+    """The merchant side's record of issued transient tokens, keyed by (app_id, request_id)."""
 
     async def claim(
-        self, request_id: str, card_ref: str, *, lease_seconds: float, wait_seconds: float
+        self,
+        app_id: str,
+        request_id: str,
+        card_ref: str,
+        *,
+        lease_seconds: float,
+        wait_seconds: float,
     ) -> Claim:
-        """Take request_id for card_ref, or return its live record, waiting for a live lease.
+        """Take app_id's request_id for card_ref, or return its live record, waiting for a lease.
 
         Raises InvalidRequest when request_id is live for another card_ref, and Unavailable
         (retryable) when another caller still holds it after wait_seconds.
@@ -127,11 +141,11 @@ class Ledger(Protocol):
         """
         ...
 
-    async def abandon(self, request_id: str) -> None:
+    async def abandon(self, app_id: str, request_id: str) -> None:
         """End this ledger's lease on request_id without a record, so a retry may try again."""
         ...
 
-    async def renew(self, request_id: str, lease_seconds: float) -> bool:
+    async def renew(self, app_id: str, request_id: str, lease_seconds: float) -> bool:
         """Extend this ledger's lease on request_id to now + lease_seconds.
 
         False when this ledger no longer holds it (taken over, completed, abandoned or purged):
@@ -140,7 +154,7 @@ class Ledger(Protocol):
         """
         ...
 
-    async def note_attempt(self, request_id: str, capture_context: str) -> bool:
+    async def note_attempt(self, app_id: str, request_id: str, capture_context: str) -> bool:
         """Record on this ledger's lease the capture context about to be sent to the PCI side.
 
         It replaces any attempt noted before. False, recording nothing, when this ledger no
@@ -149,8 +163,8 @@ class Ledger(Protocol):
         """
         ...
 
-    async def get(self, request_id: str) -> TokenRecord | None:
-        """The record while its token lives, else None."""
+    async def get(self, app_id: str, request_id: str) -> TokenRecord | None:
+        """app_id's record for request_id while its token lives, else None."""
         ...
 
     async def purge_expired(self) -> int:

@@ -12,6 +12,7 @@ Atomicity comes from single statements, not from locks held across a round trip:
   is then what the new holder is told about, never an older attempt.
 - renew and note_attempt are single UPDATEs of a pending row that this replica owns; the row
   count says whether it still held the lease.
+- Rows are keyed by (app_id, request_id); the NOTIFY payload names both (`notice_key`).
 - complete and abandon write and `pg_notify` in one statement, so waiters everywhere hear of the
   change when it commits (listener.py); a timer re-check covers lapsed leases and lost notices.
 - abandon only ends a lease this ledger (this replica) holds, so a replica whose lease lapsed
@@ -97,9 +98,25 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             ),
         ),
     ),
+    (
+        3,
+        (
+            # Keyed by (app_id, request_id), and the PCI side's receipt. Rows written before
+            # apps had ids get app_id '', which no app can be, so none reaches them; they expire
+            # and are purged. The default goes once it has filled them: every write names an app.
+            "ALTER TABLE token_ledger ADD COLUMN app_id TEXT COLLATE \"C\" NOT NULL DEFAULT ''",
+            "ALTER TABLE token_ledger ALTER COLUMN app_id DROP DEFAULT",
+            "ALTER TABLE token_ledger ADD COLUMN receipt TEXT",
+            "ALTER TABLE token_ledger DROP CONSTRAINT token_ledger_pkey",
+            "ALTER TABLE token_ledger ADD PRIMARY KEY (app_id, request_id)",
+        ),
+    ),
 )
 
-_RECORD_COLUMNS: Final = "transient_token, jti, expires_at, masked_pan, bin, card_type"
+_RECORD_COLUMNS: Final = "transient_token, jti, expires_at, masked_pan, bin, card_type, receipt"
+_KEY: Final = "app_id = %(app_id)s AND request_id = %(request_id)s"
+_NOTICE: Final = "app_id || ' ' || request_id"
+"""The NOTIFY payload, as notice_key() spells it: an app id has no space."""
 _FREE: Final = (
     "((state = 'pending' AND lease_until <= %(now)s) OR (state = 'done' AND expires_at <= %(now)s))"
 )
@@ -109,57 +126,60 @@ _FREE: Final = (
 # so the state and attempt `taken` returns are those we replaced, not the snapshot's.
 _CLAIM: Final = f"""
 WITH inserted AS (
-    INSERT INTO token_ledger (request_id, card_ref, state, lease_owner, lease_until)
-    VALUES (%(request_id)s, %(card_ref)s, 'pending', %(owner)s, %(lease_until)s)
-    ON CONFLICT (request_id) DO NOTHING
+    INSERT INTO token_ledger (app_id, request_id, card_ref, state, lease_owner, lease_until)
+    VALUES (%(app_id)s, %(request_id)s, %(card_ref)s, 'pending', %(owner)s, %(lease_until)s)
+    ON CONFLICT (app_id, request_id) DO NOTHING
     RETURNING 1
 ), locked AS (
-    SELECT request_id, state, card_ref,
+    SELECT app_id, request_id, state, card_ref,
         CASE WHEN state = 'pending' AND card_ref = %(card_ref)s THEN attempt_cc END AS kept
     FROM token_ledger
-    WHERE request_id = %(request_id)s AND {_FREE}
+    WHERE {_KEY} AND {_FREE}
     FOR UPDATE
 ), taken AS (
     UPDATE token_ledger SET card_ref = %(card_ref)s, state = 'pending', lease_owner = %(owner)s,
         lease_until = %(lease_until)s, attempt_cc = locked.kept, transient_token = NULL,
-        jti = NULL, expires_at = NULL, masked_pan = NULL, bin = NULL, card_type = NULL
-    FROM locked WHERE token_ledger.request_id = locked.request_id
+        jti = NULL, expires_at = NULL, masked_pan = NULL, bin = NULL, card_type = NULL,
+        receipt = NULL
+    FROM locked
+    WHERE token_ledger.app_id = locked.app_id AND token_ledger.request_id = locked.request_id
     RETURNING locked.state, locked.kept
 )
 SELECT EXISTS (SELECT 1 FROM inserted) OR EXISTS (SELECT 1 FROM taken),
     (SELECT state FROM taken), (SELECT kept FROM taken),
     found.state, found.card_ref, found.lease_until, {_RECORD_COLUMNS}
-FROM (SELECT 1) AS one LEFT JOIN token_ledger AS found ON found.request_id = %(request_id)s
+FROM (SELECT 1) AS one LEFT JOIN token_ledger AS found
+    ON found.app_id = %(app_id)s AND found.request_id = %(request_id)s
 """  # noqa: S608 - only constants are interpolated
 # A live record already stored wins: it is what every duplicate has been given.
 _COMPLETE: Final = f"""
 WITH stored AS (
-    INSERT INTO token_ledger (request_id, card_ref, state, {_RECORD_COLUMNS})
-    VALUES (%(request_id)s, %(card_ref)s, 'done', %(transient_token)s, %(jti)s,
-        %(expires_at)s, %(masked_pan)s, %(bin)s, %(card_type)s)
-    ON CONFLICT (request_id) DO UPDATE SET card_ref = EXCLUDED.card_ref, state = 'done',
+    INSERT INTO token_ledger (app_id, request_id, card_ref, state, {_RECORD_COLUMNS})
+    VALUES (%(app_id)s, %(request_id)s, %(card_ref)s, 'done', %(transient_token)s, %(jti)s,
+        %(expires_at)s, %(masked_pan)s, %(bin)s, %(card_type)s, %(receipt)s)
+    ON CONFLICT (app_id, request_id) DO UPDATE SET card_ref = EXCLUDED.card_ref, state = 'done',
         lease_owner = NULL, lease_until = NULL, attempt_cc = NULL,
         transient_token = EXCLUDED.transient_token, jti = EXCLUDED.jti,
         expires_at = EXCLUDED.expires_at, masked_pan = EXCLUDED.masked_pan, bin = EXCLUDED.bin,
-        card_type = EXCLUDED.card_type
+        card_type = EXCLUDED.card_type, receipt = EXCLUDED.receipt
     WHERE (token_ledger.state = 'pending' AND (token_ledger.card_ref = EXCLUDED.card_ref
             OR token_ledger.lease_until <= %(now)s))
         OR (token_ledger.state = 'done' AND token_ledger.expires_at <= %(now)s)
-    RETURNING request_id
+    RETURNING {_NOTICE} AS notice
 )
-SELECT pg_notify('{CHANNEL}', request_id) FROM stored
+SELECT pg_notify('{CHANNEL}', notice) FROM stored
 """  # noqa: S608 - only constants are interpolated
 # A lease this replica holds (lapsed or not) that nobody has taken over.
-_HELD: Final = "request_id = %(request_id)s AND state = 'pending' AND lease_owner = %(owner)s"
+_HELD: Final = f"{_KEY} AND state = 'pending' AND lease_owner = %(owner)s"
 _ABANDON: Final = f"""
 WITH gone AS (
-    DELETE FROM token_ledger WHERE {_HELD} RETURNING request_id
+    DELETE FROM token_ledger WHERE {_HELD} RETURNING {_NOTICE} AS notice
 )
-SELECT pg_notify('{CHANNEL}', request_id) FROM gone
+SELECT pg_notify('{CHANNEL}', notice) FROM gone
 """  # noqa: S608 - only constants are interpolated
 _GET: Final = (
     f"SELECT card_ref, {_RECORD_COLUMNS} FROM token_ledger "  # noqa: S608 - constants
-    "WHERE request_id = %(request_id)s AND state = 'done' AND expires_at > %(now)s"
+    f"WHERE {_KEY} AND state = 'done' AND expires_at > %(now)s"
 )
 _RENEW: Final = f"UPDATE token_ledger SET lease_until = %(lease_until)s WHERE {_HELD}"  # noqa: S608
 _NOTE_ATTEMPT: Final = f"UPDATE token_ledger SET attempt_cc = %(attempt)s WHERE {_HELD}"  # noqa: S608
@@ -220,18 +240,25 @@ class PostgresLedger:
         return ledger
 
     async def claim(
-        self, request_id: str, card_ref: str, *, lease_seconds: float, wait_seconds: float
+        self,
+        app_id: str,
+        request_id: str,
+        card_ref: str,
+        *,
+        lease_seconds: float,
+        wait_seconds: float,
     ) -> Claim:
         """See Ledger.claim."""
         check_request_id(request_id)
         deadline = asyncio.get_running_loop().time() + wait_seconds
         stale = 0
+        key = (app_id, request_id)
         # Registered before the first read, so a change committed after that read wakes us.
-        with self._listener.waiter(request_id) as changed:
+        with self._listener.waiter(notice_key(*key)) as changed:
             while True:
                 changed.clear()
                 now = self._clock()
-                params = self._claim_params(request_id, card_ref, now + lease_seconds, now)
+                params = self._claim_params(key, card_ref, now + lease_seconds, now)
                 row = await self._fetch_one(_CLAIM, params)
                 owned, replaced, attempt, state, found_ref, lease_until, *record = row
                 if owned:
@@ -248,12 +275,13 @@ class PostgresLedger:
                 if found_ref != card_ref:
                     raise used_for_another_card(request_id)
                 if state == "done":
-                    return Claim(_record(request_id, found_ref, record))
+                    return Claim(_record(key, found_ref, record))
                 await self._wait(request_id, changed, deadline, lease_until)
 
     async def complete(self, record: TokenRecord) -> None:
         """See Ledger.complete."""
         params = {
+            "app_id": record.app_id,
             "request_id": record.request_id,
             "card_ref": record.card_ref,
             "transient_token": record.transient_token,
@@ -262,6 +290,7 @@ class PostgresLedger:
             "masked_pan": record.masked_pan,
             "bin": record.bin,
             "card_type": record.card_type,
+            "receipt": record.receipt,
             "now": self._clock(),
         }
         async with _translated(), self._pool.connection() as conn:
@@ -270,28 +299,28 @@ class PostgresLedger:
         if stored is None:
             _log.warning("ledger_complete_ignored", request_id=record.request_id)
 
-    async def abandon(self, request_id: str) -> None:
+    async def abandon(self, app_id: str, request_id: str) -> None:
         """See Ledger.abandon."""
-        params = {"request_id": request_id, "owner": self._owner}
+        params = {"app_id": app_id, "request_id": request_id, "owner": self._owner}
         async with _translated(), self._pool.connection() as conn:
             await conn.execute(_ABANDON, params)
 
-    async def renew(self, request_id: str, lease_seconds: float) -> bool:
+    async def renew(self, app_id: str, request_id: str, lease_seconds: float) -> bool:
         """See Ledger.renew."""
         lease_until = self._clock() + lease_seconds
-        return await self._held_update(_RENEW, request_id, lease_until=lease_until)
+        return await self._held_update(_RENEW, app_id, request_id, lease_until=lease_until)
 
-    async def note_attempt(self, request_id: str, capture_context: str) -> bool:
+    async def note_attempt(self, app_id: str, request_id: str, capture_context: str) -> bool:
         """See Ledger.note_attempt."""
-        return await self._held_update(_NOTE_ATTEMPT, request_id, attempt=capture_context)
+        return await self._held_update(_NOTE_ATTEMPT, app_id, request_id, attempt=capture_context)
 
-    async def get(self, request_id: str) -> TokenRecord | None:
+    async def get(self, app_id: str, request_id: str) -> TokenRecord | None:
         """See Ledger.get."""
-        params = {"request_id": request_id, "now": self._clock()}
+        params = {"app_id": app_id, "request_id": request_id, "now": self._clock()}
         async with _translated(), self._pool.connection() as conn:
             cursor = await conn.execute(_GET, params)
             row = await cursor.fetchone()
-        return None if row is None else _record(request_id, row[0], row[1:])
+        return None if row is None else _record((app_id, request_id), row[0], row[1:])
 
     async def purge_expired(self) -> int:
         """See Ledger.purge_expired."""
@@ -307,18 +336,19 @@ class PostgresLedger:
         await self._pool.close()
 
     def _claim_params(
-        self, request_id: str, card_ref: str, lease_until: float, now: float
+        self, key: tuple[str, str], card_ref: str, lease_until: float, now: float
     ) -> dict[str, object]:
         return {
-            "request_id": request_id,
+            "app_id": key[0],
+            "request_id": key[1],
             "card_ref": card_ref,
             "owner": self._owner,
             "lease_until": lease_until,
             "now": now,
         }
 
-    async def _held_update(self, sql: str, request_id: str, **values: object) -> bool:
-        params = {"request_id": request_id, "owner": self._owner, **values}
+    async def _held_update(self, sql: str, app_id: str, request_id: str, **values: object) -> bool:
+        params = {"app_id": app_id, "request_id": request_id, "owner": self._owner, **values}
         async with _translated(), self._pool.connection() as conn:
             cursor = await conn.execute(sql, params)
             return cursor.rowcount == 1
@@ -369,9 +399,15 @@ def _free(state: str, lease_until: float | None, expires_at: int | None, now: fl
     return expires_at is not None and expires_at <= now
 
 
-def _record(request_id: str, card_ref: str, columns: Sequence[Any]) -> TokenRecord:
-    token, jti, expires_at, masked_pan, bin_, card_type = columns
-    return TokenRecord(request_id, card_ref, token, jti, expires_at, masked_pan, bin_, card_type)
+def notice_key(app_id: str, request_id: str) -> str:
+    """The NOTIFY payload (and waiter key) of an entry: _NOTICE in SQL."""
+    return f"{app_id} {request_id}"
+
+
+def _record(key: tuple[str, str], card_ref: str, columns: Sequence[Any]) -> TokenRecord:
+    token, jti, expires_at, masked_pan, bin_, card_type, receipt = columns
+    facts = (token, jti, expires_at, masked_pan, bin_, card_type, receipt or "")
+    return TokenRecord(*key, card_ref, *facts)
 
 
 @contextlib.asynccontextmanager

@@ -93,28 +93,68 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
             "CREATE INDEX token_ledger_lease ON token_ledger (lease_until) WHERE state = 'pending'",
         ),
     ),
+    (
+        2,
+        (
+            # Keyed by (app_id, request_id), and the PCI side's receipt. SQLite cannot change a
+            # primary key in place: the table is rebuilt. Rows written before apps had ids get
+            # app_id '', which no app can be, so none reaches them; they expire and are purged.
+            """CREATE TABLE token_ledger_new (
+                app_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                card_ref TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
+                lease_owner TEXT,
+                lease_until REAL,
+                attempt_cc TEXT,
+                transient_token TEXT,
+                jti TEXT,
+                expires_at INTEGER,
+                masked_pan TEXT,
+                bin TEXT,
+                card_type TEXT,
+                receipt TEXT,
+                PRIMARY KEY (app_id, request_id),
+                CHECK (state <> 'pending' OR (lease_owner IS NOT NULL AND lease_until IS NOT NULL)),
+                CHECK (state = 'pending' OR attempt_cc IS NULL),
+                CHECK (state <> 'done' OR (transient_token IS NOT NULL AND jti IS NOT NULL
+                    AND expires_at IS NOT NULL AND masked_pan IS NOT NULL AND bin IS NOT NULL
+                    AND card_type IS NOT NULL))
+            ) STRICT""",
+            """INSERT INTO token_ledger_new (app_id, request_id, card_ref, state, lease_owner,
+                lease_until, attempt_cc, transient_token, jti, expires_at, masked_pan, bin,
+                card_type)
+            SELECT '', request_id, card_ref, state, lease_owner, lease_until, attempt_cc,
+                transient_token, jti, expires_at, masked_pan, bin, card_type FROM token_ledger""",
+            "DROP TABLE token_ledger",
+            "ALTER TABLE token_ledger_new RENAME TO token_ledger",
+            "CREATE INDEX token_ledger_expiry ON token_ledger (expires_at) WHERE state = 'done'",
+            "CREATE INDEX token_ledger_lease ON token_ledger (lease_until) WHERE state = 'pending'",
+        ),
+    ),
 )
 
-_RECORD_COLUMNS: Final = "transient_token, jti, expires_at, masked_pan, bin, card_type"
+_RECORD_COLUMNS: Final = "transient_token, jti, expires_at, masked_pan, bin, card_type, receipt"
+_KEY: Final = "app_id = :app_id AND request_id = :request_id"
 _READ: Final = (
     f"SELECT state, card_ref, lease_until, attempt_cc, {_RECORD_COLUMNS} "  # noqa: S608 - constants
-    "FROM token_ledger WHERE request_id = :request_id"
+    f"FROM token_ledger WHERE {_KEY}"
 )
 # REPLACE: the row a claim takes over or a complete overwrites goes whole; a takeover carries
 # the noted attempt over itself (model.kept_attempt), so the next holder still knows it.
 _TAKE: Final = (
     "INSERT OR REPLACE INTO token_ledger "
-    "(request_id, card_ref, state, lease_owner, lease_until, attempt_cc) "
-    "VALUES (:request_id, :card_ref, 'pending', :owner, :lease_until, :attempt)"
+    "(app_id, request_id, card_ref, state, lease_owner, lease_until, attempt_cc) "
+    "VALUES (:app_id, :request_id, :card_ref, 'pending', :owner, :lease_until, :attempt)"
 )
 _STORE: Final = (
     "INSERT OR REPLACE INTO token_ledger "  # noqa: S608 - constants
-    f"(request_id, card_ref, state, {_RECORD_COLUMNS}) "
-    "VALUES (:request_id, :card_ref, 'done', :transient_token, :jti, :expires_at, :masked_pan, "
-    ":bin, :card_type)"
+    f"(app_id, request_id, card_ref, state, {_RECORD_COLUMNS}) "
+    "VALUES (:app_id, :request_id, :card_ref, 'done', :transient_token, :jti, :expires_at, "
+    ":masked_pan, :bin, :card_type, :receipt)"
 )
 # A lease this ledger holds (lapsed or not) that nobody has taken over.
-_HELD: Final = "request_id = :request_id AND state = 'pending' AND lease_owner = :owner"
+_HELD: Final = f"{_KEY} AND state = 'pending' AND lease_owner = :owner"
 _ABANDON: Final = f"DELETE FROM token_ledger WHERE {_HELD}"  # noqa: S608 - constants
 _RENEW: Final = f"UPDATE token_ledger SET lease_until = :lease_until WHERE {_HELD}"  # noqa: S608
 _NOTE_ATTEMPT: Final = f"UPDATE token_ledger SET attempt_cc = :attempt WHERE {_HELD}"  # noqa: S608
@@ -150,31 +190,35 @@ class _Row:
         return keeps_out(self.record, self.lease_until, self.card_ref, card_ref, now)
 
 
+_Key = tuple[str, str]
+"""(app_id, request_id)."""
+
+
 class _Waiters:
-    """The events of this process's waiters, by request_id."""
+    """The events of this process's waiters, by (app_id, request_id)."""
 
     def __init__(self) -> None:
-        self._events: dict[str, set[asyncio.Event]] = {}
+        self._events: dict[_Key, set[asyncio.Event]] = {}
 
     @contextlib.contextmanager
-    def waiter(self, request_id: str) -> Iterator[asyncio.Event]:
+    def waiter(self, key: _Key) -> Iterator[asyncio.Event]:
         event = asyncio.Event()
-        self._events.setdefault(request_id, set()).add(event)
+        self._events.setdefault(key, set()).add(event)
         try:
             yield event
         finally:
-            events = self._events.get(request_id, set())
+            events = self._events.get(key, set())
             events.discard(event)
             if not events:
-                self._events.pop(request_id, None)
+                self._events.pop(key, None)
 
-    def wake(self, request_id: str) -> None:
-        for event in self._events.get(request_id, ()):
+    def wake(self, key: _Key) -> None:
+        for event in self._events.get(key, ()):
             event.set()
 
     def wake_all(self) -> None:
-        for request_id in list(self._events):
-            self.wake(request_id)
+        for key in list(self._events):
+            self.wake(key)
 
 
 class SQLiteLedger:
@@ -219,17 +263,25 @@ class SQLiteLedger:
         return ledger
 
     async def claim(
-        self, request_id: str, card_ref: str, *, lease_seconds: float, wait_seconds: float
+        self,
+        app_id: str,
+        request_id: str,
+        card_ref: str,
+        *,
+        lease_seconds: float,
+        wait_seconds: float,
     ) -> Claim:
         """See Ledger.claim."""
         check_request_id(request_id)
         deadline = asyncio.get_running_loop().time() + wait_seconds
         # Registered before the first read, so a change written after that read wakes us.
-        with self._waiters.waiter(request_id) as changed:
+        with self._waiters.waiter((app_id, request_id)) as changed:
             while True:
                 changed.clear()
                 now = self._clock()
-                lease = self._held(request_id, card_ref=card_ref, lease_until=now + lease_seconds)
+                lease = self._held(
+                    app_id, request_id, card_ref=card_ref, lease_until=now + lease_seconds
+                )
                 owned, row = await self._run(_claim, lease, now)
                 if owned:
                     return _taken_over(request_id, card_ref, row)
@@ -243,28 +295,28 @@ class SQLiteLedger:
     async def complete(self, record: TokenRecord) -> None:
         """See Ledger.complete."""
         if await self._run(_complete, record, self._clock()):
-            self._waiters.wake(record.request_id)
+            self._waiters.wake((record.app_id, record.request_id))
         else:
             _log.warning("ledger_complete_ignored", request_id=record.request_id)
 
-    async def abandon(self, request_id: str) -> None:
+    async def abandon(self, app_id: str, request_id: str) -> None:
         """See Ledger.abandon."""
-        if await self._run(_held_write, _ABANDON, self._held(request_id)):
-            self._waiters.wake(request_id)
+        if await self._run(_held_write, _ABANDON, self._held(app_id, request_id)):
+            self._waiters.wake((app_id, request_id))
 
-    async def renew(self, request_id: str, lease_seconds: float) -> bool:
+    async def renew(self, app_id: str, request_id: str, lease_seconds: float) -> bool:
         """See Ledger.renew."""
-        params = self._held(request_id, lease_until=self._clock() + lease_seconds)
+        params = self._held(app_id, request_id, lease_until=self._clock() + lease_seconds)
         return await self._run(_held_write, _RENEW, params)
 
-    async def note_attempt(self, request_id: str, capture_context: str) -> bool:
+    async def note_attempt(self, app_id: str, request_id: str, capture_context: str) -> bool:
         """See Ledger.note_attempt."""
-        params = self._held(request_id, attempt=capture_context)
+        params = self._held(app_id, request_id, attempt=capture_context)
         return await self._run(_held_write, _NOTE_ATTEMPT, params)
 
-    async def get(self, request_id: str) -> TokenRecord | None:
+    async def get(self, app_id: str, request_id: str) -> TokenRecord | None:
         """See Ledger.get."""
-        row = await self._run(_read, request_id)
+        row = await self._run(_read, app_id, request_id)
         if row is None or row.record is None or not row.record.live_at(self._clock()):
             return None
         return row.record
@@ -286,8 +338,8 @@ class SQLiteLedger:
             self._executor.shutdown(wait=False)
             self._waiters.wake_all()
 
-    def _held(self, request_id: str, **values: object) -> dict[str, object]:
-        return {"request_id": request_id, "owner": self._owner, **values}
+    def _held(self, app_id: str, request_id: str, **values: object) -> dict[str, object]:
+        return {"app_id": app_id, "request_id": request_id, "owner": self._owner, **values}
 
     async def _run(
         self,
@@ -387,19 +439,20 @@ def _migrate(connection: sqlite3.Connection, applied_at: str) -> None:
     )
 
 
-def _read(connection: sqlite3.Connection, request_id: str) -> _Row | None:
-    found = connection.execute(_READ, {"request_id": request_id}).fetchone()
+def _read(connection: sqlite3.Connection, app_id: str, request_id: str) -> _Row | None:
+    found = connection.execute(_READ, {"app_id": app_id, "request_id": request_id}).fetchone()
     if found is None:
         return None
     state, card_ref, lease_until, attempt, *columns = found
     if state == "pending":
         return _Row(card_ref, lease_until, attempt, None)
-    return _Row(card_ref, 0.0, None, _record(request_id, card_ref, columns))
+    return _Row(card_ref, 0.0, None, _record(app_id, request_id, card_ref, columns))
 
 
-def _record(request_id: str, card_ref: str, columns: list[Any]) -> TokenRecord:
-    token, jti, expires_at, masked_pan, bin_, card_type = columns
-    return TokenRecord(request_id, card_ref, token, jti, expires_at, masked_pan, bin_, card_type)
+def _record(app_id: str, request_id: str, card_ref: str, columns: list[Any]) -> TokenRecord:
+    token, jti, expires_at, masked_pan, bin_, card_type, receipt = columns
+    facts = (token, jti, expires_at, masked_pan, bin_, card_type, receipt or "")
+    return TokenRecord(app_id, request_id, card_ref, *facts)
 
 
 def _claim(
@@ -407,7 +460,7 @@ def _claim(
 ) -> tuple[bool, _Row | None]:
     """(whether the lease on lease["request_id"] is now ours, the row as it was before)."""
     with sqlitedb.transaction(connection):
-        row = _read(connection, str(lease["request_id"]))
+        row = _read(connection, str(lease["app_id"]), str(lease["request_id"]))
         if row is not None and not row.free_at(now):
             return False, row
         attempt = None
@@ -419,7 +472,7 @@ def _claim(
 
 def _complete(connection: sqlite3.Connection, record: TokenRecord, now: float) -> bool:
     with sqlitedb.transaction(connection):
-        row = _read(connection, record.request_id)
+        row = _read(connection, record.app_id, record.request_id)
         if row is not None and row.keeps_out(record.card_ref, now):
             # The first live record is the answer every duplicate already got: keep it.
             return False

@@ -29,9 +29,11 @@ from pci_side.vault.store import (
     DUPLICATE_CARD,
     UNCHANGED,
     CardSummary,
+    ContextUse,
 )
 from pci_side.vault.vault import (
     CardVault,
+    CvvRetention,
     ImportOutcome,
     NewCard,
     Released,
@@ -48,6 +50,8 @@ __all__ = [
     "AuditVerdict",
     "CardSummary",
     "CardVault",
+    "ContextUse",
+    "CvvRetention",
     "FileKeyProvider",
     "ImportOutcome",
     "KeyProvider",

@@ -1,40 +1,47 @@
-"""The audit log: hash-chained records of tokenization attempts, never any card data.
+"""The audit log: keyed, hash-chained records of tokenizations, refusals and admin actions.
 
 Each stored entry is linked to the one before it::
 
-    hash = SHA-256( prev_hash  +  LF (one 0x0A byte)  +  canonical_json(entry) ).hexdigest()
+    hash = HMAC-SHA256( audit_key,  prev_hash + LF (one 0x0A byte) + canonical_json(entry) )
+           .hexdigest()
 
-where prev_hash is the previous entry's hash as 64 lowercase hex characters (GENESIS_HASH, 64
-zeros, for seq 1), and canonical_json is the UTF-8 bytes of a JSON object holding exactly the
-keys at, card_ref, cc_jti, merchant_id, outcome, reason, request_id, seq and tt_jti, keys
-sorted, separators "," and ":", ASCII-escaped (ensure_ascii), seq a JSON integer, every other
-value a string, and at written as UTC with microseconds: "2025-01-31T23:59:59.123456Z".
+where audit_key is the vault's audit key (RELAY_VAULT_AUDIT_KEY_FILE, raw bytes, separate from
+the KEKs and the fingerprint key), prev_hash is the previous entry's hash as 64 lowercase hex
+characters (GENESIS_HASH, 64 zeros, for seq 1), and canonical_json is the UTF-8 bytes of a JSON
+object holding exactly the keys actor, at, card_ref, cc_jti, detail, merchant_id, outcome,
+reason, request_id, seq and tt_jti, keys sorted, separators "," and ":", ASCII-escaped
+(ensure_ascii), seq a JSON integer, every other value a string, and at written as UTC with
+microseconds: "2025-01-31T23:59:59.123456Z". No entry ever holds card data.
 
 So editing any field of a row breaks that row's hash, deleting a row breaks the seq sequence
 and the next row's prev_hash, and a head row (the last seq and hash, updated in the same
 transaction as each append) shows entries cut off the end. Appends are serialized by the
 backend (the SQLite writer thread with BEGIN IMMEDIATE; PostgreSQL SELECT ... FOR UPDATE on the
-head row), so the chain never forks. `AuditBatcher` groups appends that arrive together into one
-transaction (group commit), which keeps a synced commit per tokenization off the hot path.
+head row), so the chain never forks. The vault groups appends that arrive together into one
+transaction (batching.GroupCommit), which keeps a synced commit per tokenization off the hot
+path.
+
+The key is what makes the chain evidence against someone who can write to the database: without
+it, one who drops the append-only triggers could rewrite the tail and the head row and recompute
+every hash. A chain written before the key was introduced (plain SHA-256) fails verification at
+seq 1 (see migrations.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
+import hmac
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Generic, TypeVar
+from collections.abc import Sequence
+from typing import Final
 
-R = TypeVar("R")
-"""What a success may carry into its transaction (the store's release row)."""
+from relay.secrets import Secret
 
 __all__ = [
     "GENESIS_HASH",
     "OUTCOMES",
-    "AuditBatcher",
     "AuditEntry",
     "AuditVerdict",
     "ChainVerifier",
@@ -47,15 +54,17 @@ __all__ = [
 ]
 
 GENESIS_HASH: Final = "0" * 64
-OUTCOMES: Final = frozenset({"started", "success", "failure", "replayed"})
+OUTCOMES: Final = frozenset({"started", "success", "failure", "replayed", "refused", "admin"})
 """started: the card is about to go to Flex (written ahead); success and failure end an
-attempt; replayed: a repeat of a finished request got that attempt's token, nothing was sent."""
+attempt; replayed: a repeat of a finished request got that attempt's token, nothing was sent;
+refused: a call turned away before the tokenizer ran (reason: the relay reason code);
+admin: an operator's command (reason: the action, detail: its counts and parameters)."""
 MAX_FIELD_LENGTH: Final = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One tokenization attempt: who, which card_ref, which tokens, and how it ended."""
+    """One record: a tokenization attempt, a refused call or an administrative action."""
 
     merchant_id: str
     card_ref: str
@@ -63,9 +72,14 @@ class AuditEntry:
     cc_jti: str
     tt_jti: str
     outcome: str
-    """"started", "success", "failure" or "replayed" (see OUTCOMES)."""
+    """One of OUTCOMES."""
     reason: str
-    """"" on success, else a reason code such as CARD_NOT_FOUND, NOT_GRANTED, FLEX_REJECTED."""
+    """"" on success, else a reason code such as CARD_NOT_FOUND, NOT_GRANTED, FLEX_REJECTED;
+    for admin records the action (import, grant, revoke, rotate_key, list, export)."""
+    actor: str = ""
+    """Who: the calling app, the peer certificate's identity, or the operator."""
+    detail: str = ""
+    """Admin records: counts and parameters as space-separated key=value pairs, never card data."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,22 +127,27 @@ def canonical_json(seq: int, at: dt.datetime, entry: AuditEntry) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def link_hash(prev_hash: str, seq: int, at: dt.datetime, entry: AuditEntry) -> str:
-    """The hash of an entry chained after prev_hash."""
-    digest = hashlib.sha256(prev_hash.encode("ascii") + b"\n")
-    digest.update(canonical_json(seq, at, entry))
-    return digest.hexdigest()
+def link_hash(
+    audit_key: Secret[bytes], prev_hash: str, seq: int, at: dt.datetime, entry: AuditEntry
+) -> str:
+    """The keyed hash of an entry chained after prev_hash."""
+    mac = hmac.new(audit_key.get_secret_value(), prev_hash.encode("ascii") + b"\n", hashlib.sha256)
+    mac.update(canonical_json(seq, at, entry))
+    return mac.hexdigest()
 
 
 def chain(
-    head_seq: int, head_hash: str, entries: Sequence[tuple[dt.datetime, AuditEntry]]
+    audit_key: Secret[bytes],
+    head_seq: int,
+    head_hash: str,
+    entries: Sequence[tuple[dt.datetime, AuditEntry]],
 ) -> list[StoredAuditEntry]:
     """Link entries after the head; a backend calls this while it holds the append lock."""
     stored: list[StoredAuditEntry] = []
     seq, prev = head_seq, head_hash
     for at, entry in entries:
         seq += 1
-        current = link_hash(prev, seq, at, entry)
+        current = link_hash(audit_key, prev, seq, at, entry)
         stored.append(StoredAuditEntry(seq, at, entry, prev, current))
         prev = current
     return stored
@@ -137,8 +156,9 @@ def chain(
 class ChainVerifier:
     """Walks stored entries in seq order and stops at the first broken link."""
 
-    def __init__(self) -> None:
-        """Start at the genesis link."""
+    def __init__(self, audit_key: Secret[bytes]) -> None:
+        """Start at the genesis link; hashes are checked under audit_key."""
+        self._key = audit_key
         self.checked = 0
         self._seq = 0
         self._hash = GENESIS_HASH
@@ -163,7 +183,7 @@ class ChainVerifier:
             return f"seq {row.seq} follows seq {self._seq}: {missing} missing"
         if row.prev_hash != self._hash:
             return f"seq {row.seq}: prev_hash is not the hash of seq {self._seq}"
-        if link_hash(row.prev_hash, row.seq, row.at, row.entry) != row.hash:
+        if link_hash(self._key, row.prev_hash, row.seq, row.at, row.entry) != row.hash:
             return f"seq {row.seq}: the hash does not match the entry's contents"
         return ""
 
@@ -182,66 +202,3 @@ class ChainVerifier:
             first = min(head_seq + 1, self._seq)
             return AuditVerdict(ok=False, checked=self.checked, first_broken=first, problem=problem)
         return AuditVerdict(ok=True, checked=self.checked, first_broken=None, problem="")
-
-
-AppendFunction = Callable[
-    [Sequence[tuple[dt.datetime, AuditEntry]], Sequence[R]], Awaitable[list[StoredAuditEntry]]
-]
-
-
-class AuditBatcher(Generic[R]):
-    """Group commit: appends that arrive while one is being written go in the next transaction.
-
-    Order is kept (FIFO), each caller gets its own seq, and a failed transaction fails every
-    caller in it. A caller that is cancelled while waiting still has its entry written. A
-    success may carry its release, written in the same transaction as its record.
-    """
-
-    def __init__(self, append: AppendFunction[R], *, max_batch: int = 256) -> None:
-        """Batch calls to append (a Store's append_audit), at most max_batch per transaction."""
-        self._append = append
-        self._max_batch = max_batch
-        self._pending: list[_Pending[R]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def append(self, at: dt.datetime, entry: AuditEntry, release: R | None = None) -> int:
-        """Queue one entry and wait until its transaction commits; return its seq."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(at, entry, release, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain(), name="vault-audit-append")
-        return await future
-
-    async def drain(self) -> None:
-        """Wait until everything queued so far is written (before closing the store)."""
-        if self._task is not None:
-            await asyncio.wait([self._task])
-
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            entries = [(item.at, item.entry) for item in batch]
-            releases = [item.release for item in batch if item.release is not None]
-            try:
-                stored = await self._append(entries, releases)
-            except asyncio.CancelledError:
-                for item in batch + self._pending:
-                    item.future.cancel()
-                raise
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            for item, row in zip(batch, stored, strict=True):
-                if not item.future.done():
-                    item.future.set_result(row.seq)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Pending(Generic[R]):
-    at: dt.datetime
-    entry: AuditEntry
-    release: R | None
-    future: asyncio.Future[int]

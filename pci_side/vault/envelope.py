@@ -17,6 +17,10 @@ Sealed layouts: ciphertext = 0x01 | nonce (12) | GCM ciphertext and tag; wrapped
 nonce (12) | GCM(DEK) and tag. The record plaintext is compact JSON {"cvv": ..., "pan": ...}.
 The fingerprint (PCI DSS 4.0 req. 3.5.1.1) is hex HMAC-SHA256 of the PAN digits under a key
 kept apart from the KEKs, so equal PANs dedupe without the vault holding a plain hash.
+
+A KEK's check value is hex HMAC-SHA256 of a fixed label under the KEK: stored beside the rows,
+it tells "this is not the key the vault was sealed with" apart from "this row was tampered
+with", and reveals nothing of the key.
 """
 
 from __future__ import annotations
@@ -37,7 +41,17 @@ from relay.cards import CardData, Pan, SecurityCode
 from relay.errors import InvalidCardData
 from relay.secrets import Secret
 
-__all__ = ["fingerprint", "open_card", "open_token", "rewrap_dek", "seal_card", "seal_token"]
+__all__ = [
+    "check_unwraps",
+    "fingerprint",
+    "kek_check_value",
+    "open_card",
+    "open_token",
+    "rewrap_dek",
+    "seal_card",
+    "seal_token",
+    "without_security_code",
+]
 
 _FORMAT: Final = b"\x01"
 _NONCE_BYTES: Final = 12
@@ -45,12 +59,18 @@ _DEK_BYTES: Final = 32
 _RECORD_LABEL: Final = "relay.vault.card.v1"
 _DEK_LABEL: Final = "relay.vault.dek.v1"
 _RELEASE_LABEL: Final = "relay.vault.released-token.v1"
+_CHECK_VALUE_LABEL: Final = b"relay kek check value v1"
 
 
 def fingerprint(pan: Pan, key: Secret[bytes]) -> str:
     """Hex HMAC-SHA256 of the PAN digits: equal for equal PANs under one key, and only then."""
     digits = pan.reveal().encode("ascii")
     return hmac.new(key.get_secret_value(), digits, hashlib.sha256).hexdigest()
+
+
+def kek_check_value(kek: Secret[bytes]) -> str:
+    """Hex HMAC-SHA256 of a fixed label under the KEK: equal for one key, and only for it."""
+    return hmac.new(kek.get_secret_value(), _CHECK_VALUE_LABEL, hashlib.sha256).hexdigest()
 
 
 def seal_card(
@@ -101,6 +121,26 @@ def open_card(row: CardRow, kek: Secret[bytes]) -> CardData:
         # Authentic but unreadable: never chain the cause, whose text could quote the record.
         raise _integrity_error(row.card_ref) from None
     return card
+
+
+def without_security_code(row: CardRow, kek: Secret[bytes]) -> CardRow:
+    """The row re-sealed with its security code deleted, under the same DEK.
+
+    Keeping the DEK (and so wrapped_dek and key_version) lets this commute with a concurrent
+    rotation, which re-wraps that DEK and never touches the record: whichever lands second,
+    the row still opens. A fresh nonce seals the new record.
+    """
+    card = open_card(row, kek)
+    dek = _unwrap(row.card_ref, row.key_version, row.wrapped_dek, kek)
+    plaintext = json.dumps({"cvv": None, "pan": card.pan.reveal()}, separators=(",", ":"))
+    stripped = dataclasses.replace(row, has_security_code=False)
+    ciphertext = _seal(dek, plaintext.encode("ascii"), _record_aad(stripped))
+    return dataclasses.replace(stripped, ciphertext=ciphertext)
+
+
+def check_unwraps(row: WrappedDek, kek: Secret[bytes]) -> None:
+    """Unwrap a DEK only to prove the KEK opens it; VaultIntegrityError if it does not."""
+    _unwrap(row.card_ref, row.key_version, row.wrapped_dek, kek)
 
 
 def rewrap_dek(

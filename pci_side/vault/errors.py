@@ -3,6 +3,8 @@
 RelayError
  +- VaultIntegrityError  INTERNAL     VAULT_INTEGRITY      a record or wrapped DEK failed to decrypt
  +- VaultKeyMissing      INTERNAL     VAULT_KEY_MISSING    a row's KEK version is not in the keyring
+ +- VaultKeyMismatch     INTERNAL     VAULT_KEY_MISMATCH   the keyring holds another key under a
+                                                           row's version (an operator's error)
  +- VaultStorageError    INTERNAL     VAULT_STORAGE_ERROR  the database refused a statement
  +- VaultUnavailable     UNAVAILABLE  VAULT_UNAVAILABLE    the database is unreachable; retryable
 
@@ -17,7 +19,13 @@ import grpc
 
 from relay.errors import RelayError
 
-__all__ = ["VaultIntegrityError", "VaultKeyMissing", "VaultStorageError", "VaultUnavailable"]
+__all__ = [
+    "VaultIntegrityError",
+    "VaultKeyMismatch",
+    "VaultKeyMissing",
+    "VaultStorageError",
+    "VaultUnavailable",
+]
 
 
 class VaultIntegrityError(RelayError):
@@ -32,6 +40,13 @@ class VaultKeyMissing(RelayError):
 
     status = grpc.StatusCode.INTERNAL
     reason = "VAULT_KEY_MISSING"
+
+
+class VaultKeyMismatch(RelayError):
+    """The keyring holds another key under a row's KEK version: a key error, not tampering."""
+
+    status = grpc.StatusCode.INTERNAL
+    reason = "VAULT_KEY_MISMATCH"
 
 
 class VaultStorageError(RelayError):

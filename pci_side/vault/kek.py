@@ -9,6 +9,7 @@ once, single flight and at most once per interval, so the worker keeps serving t
 rotation and a row with a bogus version cannot make it re-read the file on every request.
 
 Keys are only ever held in `Secret`; errors name the variable and line number, never a key.
+The file is read through `read_secret_file`, so one that other users may read is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import structlog
 
 from pci_side.vault.errors import VaultKeyMissing
 from relay.errors import ConfigError
-from relay.secrets import Secret
+from relay.secrets import Secret, read_secret_file
 
 __all__ = [
     "KEK_FILE_VARIABLE",
@@ -101,30 +102,48 @@ def _parse_line(line: str, keys: dict[int, Secret[bytes]]) -> str | None:
     return None
 
 
-def read_keyring(path: str | os.PathLike[str]) -> dict[int, Secret[bytes]]:
-    """Read and parse a keyring file."""
-    return parse_keyring(_read_text(Path(path)))
+def read_keyring(
+    path: str | os.PathLike[str], *, group: int | None = None
+) -> dict[int, Secret[bytes]]:
+    """Read and parse a keyring file (group: RELAY_SECRET_FILES_GROUP, see read_secret_file)."""
+    return parse_keyring(_read_text(Path(path), group))
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, group: int | None = None) -> str:
+    data = read_secret_file(path, KEK_FILE_VARIABLE, group=group)
     try:
-        return path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError):
+        return data.decode("ascii")
+    except UnicodeDecodeError:
         raise ConfigError([f"{KEK_FILE_VARIABLE} cannot be read as ASCII text"]) from None
 
 
 class FileKeyProvider:
     """The keyring in RELAY_VAULT_KEK_FILE."""
 
-    def __init__(self, path: str | os.PathLike[str], keys: dict[int, Secret[bytes]]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        keys: dict[int, Secret[bytes]],
+        *,
+        group: int | None = None,
+    ) -> None:
         """Hold already-parsed keys; use `load` to read them."""
         self._path = Path(path)
         self._keys = dict(keys)
+        self._group = group
 
     @classmethod
-    async def load(cls, path: str | os.PathLike[str]) -> FileKeyProvider:
-        """Read the file off the event loop and parse it."""
-        return cls(path, await asyncio.to_thread(read_keyring, path))
+    async def load(
+        cls, path: str | os.PathLike[str], *, group: int | None = None
+    ) -> FileKeyProvider:
+        """Read the file off the event loop and parse it; group may read it (Kubernetes)."""
+        keys = await asyncio.to_thread(read_keyring, path, group=group)
+        return cls(path, keys, group=group)
+
+    @property
+    def path(self) -> Path:
+        """The keyring file (named in errors; not secret)."""
+        return self._path
 
     def current_version(self) -> int:
         """The highest version in the file."""
@@ -146,7 +165,7 @@ class FileKeyProvider:
 
     async def reload(self) -> None:
         """Re-read the file; a malformed file raises ConfigError and the old keys stay."""
-        self._keys = await asyncio.to_thread(read_keyring, self._path)
+        self._keys = await asyncio.to_thread(read_keyring, self._path, group=self._group)
 
     def __repr__(self) -> str:
         """Name the file and versions, never a key."""

@@ -15,6 +15,22 @@ pagination) is byte order on both backends, whatever the database's locale.
 Migration 2 adds `releases`: the transient token each capture context released, sealed under the
 KEK, kept until the token expires, so a repeat under that context reaching any replica, or one
 restarted, gets that token back instead of a second tokenization.
+
+Migration 5 adds `kek_checks`: each KEK version's check value (HMAC-SHA256 of a fixed label under
+the key), recorded when the version first seals something, so a vault opened with the wrong key
+under a version says so at start instead of calling every row tampered with.
+
+Migration 4 adds `cc_uses`: each capture context jti PciRelay accepted, for which request, held
+by which PciRelay process, until the context expires, so that one context releases at most one
+card across every replica (the primary key is the arbiter); and `pci_instances`, each running
+PciRelay process's heartbeat, by which a replica tells a dead holder of a context from a live
+one. On PostgreSQL it also adds `rate_buckets`, the per-merchant token buckets that all replicas
+share (a SQLite vault serves one process, which keeps its buckets in memory).
+
+Migration 3 adds `actor` and `detail` to audit_log, for refusals and administrative actions, and
+comes with the keyed chain: from it on, each hash is an HMAC-SHA256 under the audit key
+(RELAY_VAULT_AUDIT_KEY_FILE; see audit.py). Rows chained before it (plain SHA-256) fail
+verification at seq 1: no vault was deployed before this change, so none is rewritten.
 """
 
 from __future__ import annotations
@@ -100,6 +116,43 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
             "CREATE INDEX releases_expiry ON releases (expires_at)",
         ),
     ),
+    (
+        3,
+        (
+            "ALTER TABLE audit_log ADD COLUMN actor TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE audit_log ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
+    (
+        4,
+        (
+            """CREATE TABLE cc_uses (
+                cc_jti TEXT PRIMARY KEY,
+                merchant_id TEXT NOT NULL,
+                app_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                card_ref TEXT NOT NULL,
+                expires_at INTEGER NOT NULL,
+                holder TEXT NOT NULL,
+                failed_reason TEXT NOT NULL DEFAULT ''
+            ) STRICT""",
+            "CREATE INDEX cc_uses_expiry ON cc_uses (expires_at)",
+            """CREATE TABLE pci_instances (
+                instance_id TEXT PRIMARY KEY,
+                seen_at REAL NOT NULL
+            ) STRICT""",
+        ),
+    ),
+    (
+        5,
+        (
+            """CREATE TABLE kek_checks (
+                version INTEGER PRIMARY KEY,
+                check_value TEXT NOT NULL,
+                created_at TEXT NOT NULL
+            ) STRICT""",
+        ),
+    ),
 )
 
 POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -179,6 +232,48 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
                 sealed_token BYTEA NOT NULL
             )""",
             "CREATE INDEX releases_expiry ON releases (expires_at)",
+        ),
+    ),
+    (
+        3,
+        (
+            "ALTER TABLE audit_log ADD COLUMN actor TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE audit_log ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
+    (
+        4,
+        (
+            """CREATE TABLE cc_uses (
+                cc_jti TEXT COLLATE "C" PRIMARY KEY,
+                merchant_id TEXT NOT NULL,
+                app_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                card_ref TEXT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                holder TEXT NOT NULL,
+                failed_reason TEXT NOT NULL DEFAULT ''
+            )""",
+            "CREATE INDEX cc_uses_expiry ON cc_uses (expires_at)",
+            """CREATE TABLE pci_instances (
+                instance_id TEXT COLLATE "C" PRIMARY KEY,
+                seen_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE rate_buckets (
+                merchant_id TEXT COLLATE "C" PRIMARY KEY,
+                tokens DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+    ),
+    (
+        5,
+        (
+            """CREATE TABLE kek_checks (
+                version INTEGER PRIMARY KEY,
+                check_value TEXT NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL
+            )""",
         ),
     ),
 )

@@ -32,17 +32,22 @@ from pci_side.vault.migrations import POSTGRES_MIGRATIONS
 from pci_side.vault.store import (
     AUDIT_COLUMNS,
     CARD_COLUMNS,
+    CONTEXT_USE_COLUMNS,
     RELEASE_COLUMNS,
     CardRow,
     CardSummary,
+    CodeRemoval,
+    ContextUse,
     FoundCard,
     ImportItem,
     ReleaseRow,
     Rewrap,
     WrappedDek,
     plan_import,
+    versions_in_use,
 )
 from relay.errors import ConfigError
+from relay.secrets import Secret
 
 __all__ = ["PostgresStore"]
 
@@ -61,7 +66,7 @@ _INSERT_GRANT: Final = (
 )
 _INSERT_AUDIT: Final = (
     f"INSERT INTO audit_log ({AUDIT_COLUMNS}) "  # noqa: S608 - constants
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 _SUMMARY_COLUMNS: Final = (
     "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, key_version, "
@@ -242,6 +247,8 @@ class PostgresStore:
         self,
         entries: Sequence[tuple[dt.datetime, AuditEntry]],
         releases: Sequence[ReleaseRow] = (),
+        *,
+        audit_key: Secret[bytes],
     ) -> list[StoredAuditEntry]:
         """Chain entries onto the head, which is locked FOR UPDATE until commit."""
         if not entries:
@@ -253,7 +260,7 @@ class PostgresStore:
             assert head is not None
             if releases:
                 await _keep_releases(conn, releases, entries[0][0])
-            stored = chain(int(head[0]), str(head[1]), entries)
+            stored = chain(audit_key, int(head[0]), str(head[1]), entries)
             async with conn.cursor() as writer:
                 await writer.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])
             await conn.execute(
@@ -304,6 +311,199 @@ class PostgresStore:
         return ReleaseRow(
             cc_jti, merchant_id, request_id, card_ref, tt_jti, expires_at, version, bytes(sealed)
         )
+
+    async def kek_checks(self) -> dict[int, str]:
+        """See Store.kek_checks."""
+        async with self._connection() as conn:
+            cursor = await conn.execute("SELECT version, check_value FROM kek_checks")
+            rows = await cursor.fetchall()
+        return {int(version): str(value) for version, value in rows}
+
+    async def record_kek_check(self, version: int, check_value: str, now: dt.datetime) -> None:
+        """See Store.record_kek_check."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO kek_checks (version, check_value, created_at) VALUES (%s, %s, %s) "
+                "ON CONFLICT (version) DO NOTHING",
+                (version, check_value, now),
+            )
+
+    async def key_versions_in_use(self, now: dt.datetime) -> dict[int, str]:
+        """See Store.key_versions_in_use."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT 'kept releases', key_version FROM releases WHERE expires_at > %s "
+                "UNION SELECT 'cards', key_version FROM cards",
+                (int(now.timestamp()),),
+            )
+            rows = await cursor.fetchall()
+        return versions_in_use([(str(where), int(version)) for where, version in rows])
+
+    async def sealed_under(self, version: int) -> WrappedDek | ReleaseRow | None:
+        """See Store.sealed_under."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT card_ref, key_version, wrapped_dek FROM cards "
+                "WHERE key_version = %s LIMIT 1",
+                (version,),
+            )
+            card, release = await cursor.fetchone(), None
+            if card is None:
+                cursor = await conn.execute(
+                    "SELECT cc_jti FROM releases WHERE key_version = %s LIMIT 1", (version,)
+                )
+                release = await cursor.fetchone()
+        if card is not None:
+            return WrappedDek(card[0], card[1], bytes(card[2]))
+        return None if release is None else await self.find_release(str(release[0]))
+
+    async def claim_contexts(
+        self, uses: Sequence[ContextUse], purge_before: int | None
+    ) -> list[ContextUse | None]:
+        """See Store.claim_contexts: one statement for the batch, one more for its conflicts."""
+        columns = [list(column) for column in zip(*map(dataclasses.astuple, uses), strict=True)]
+        async with self._connection() as conn, conn.transaction():
+            if purge_before is not None:
+                await conn.execute("DELETE FROM cc_uses WHERE expires_at < %s", (purge_before,))
+            cursor = await conn.execute(_CLAIM_CONTEXTS, columns)
+            inserted = {row[0]: ContextUse(*row) for row in await cursor.fetchall()}
+            conflicts = [use.cc_jti for use in uses if use.cc_jti not in inserted]
+            holders: dict[str, ContextUse] = {}
+            if conflicts:
+                cursor = await conn.execute(
+                    f"SELECT {CONTEXT_USE_COLUMNS} FROM cc_uses "  # noqa: S608 - constants
+                    "WHERE cc_jti = ANY(%s)",
+                    (conflicts,),
+                )
+                holders = {row[0]: ContextUse(*row) for row in await cursor.fetchall()}
+        # A jti twice in one batch: the use inserted won, the other is told who holds it.
+        holders |= inserted
+        held: list[ContextUse | None] = []
+        for use in uses:
+            won = inserted.get(use.cc_jti) == use
+            if won:
+                del inserted[use.cc_jti]  # an identical second use of the batch did not win
+            held.append(None if won else holders[use.cc_jti])
+        return held
+
+    async def unclaim_context(self, use: ContextUse) -> None:
+        """See Store.unclaim_context."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "DELETE FROM cc_uses WHERE cc_jti = %s AND holder = %s AND failed_reason = ''",
+                (use.cc_jti, use.holder),
+            )
+
+    async def fail_context(self, cc_jti: str, reason: str) -> None:
+        """See Store.fail_context."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE cc_uses SET failed_reason = %s WHERE cc_jti = %s", (reason, cc_jti)
+            )
+
+    async def take_over_context(self, held: ContextUse, holder: str) -> bool:
+        """See Store.take_over_context."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE cc_uses SET holder = %s "
+                "WHERE cc_jti = %s AND holder = %s AND failed_reason = ''",
+                (holder, held.cc_jti, held.holder),
+            )
+            return cursor.rowcount == 1
+
+    async def beat(self, instance_id: str) -> None:
+        """See Store.beat: on the database's clock, which every replica reads alike."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO pci_instances (instance_id, seen_at) "
+                "VALUES (%s, EXTRACT(EPOCH FROM clock_timestamp())) "
+                "ON CONFLICT (instance_id) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+                (instance_id,),
+            )
+
+    async def leave(self, instance_id: str) -> None:
+        """See Store.leave."""
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM pci_instances WHERE instance_id = %s", (instance_id,))
+
+    async def silent_for(self, instance_id: str) -> float | None:
+        """See Store.silent_for."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT GREATEST(0, EXTRACT(EPOCH FROM clock_timestamp()) - seen_at) "
+                "FROM pci_instances WHERE instance_id = %s",
+                (instance_id,),
+            )
+            row = await cursor.fetchone()
+        return None if row is None else float(row[0])
+
+    async def take_rate_token(self, key: str, rate: float, burst: int) -> bool:
+        """See Store.take_rate_token: one statement, on the database's clock, for all replicas.
+
+        The bucket refills from its last successful take; an empty bucket is left as it was.
+        """
+        async with self._connection() as conn:
+            cursor = await conn.execute(_TAKE_FROM_BUCKET, (key, burst, burst, rate, burst, rate))
+            return await cursor.fetchone() is not None
+
+    async def card_row(self, card_ref: str) -> CardRow | None:
+        """See Store.card_row."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {CARD_COLUMNS} FROM cards WHERE card_ref = %s",  # noqa: S608 - constants
+                (card_ref,),
+            )
+            found = await cursor.fetchone()
+        return None if found is None else _card_row(found)
+
+    async def rows_with_security_code(
+        self, created_before: dt.datetime, after: str | None, limit: int
+    ) -> list[CardRow]:
+        """See Store.rows_with_security_code."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {CARD_COLUMNS} FROM cards "  # noqa: S608 - constants
+                "WHERE has_security_code AND created_at <= %s AND card_ref > %s "
+                "ORDER BY card_ref LIMIT %s",
+                (created_before, after or "", limit),
+            )
+            rows = await cursor.fetchall()
+        return [_card_row(row) for row in rows]
+
+    async def remove_security_codes(self, changes: Sequence[CodeRemoval], now: dt.datetime) -> int:
+        """Compare-and-set each row's record on its old ciphertext."""
+        async with self._connection() as conn, conn.transaction(), conn.cursor() as cursor:
+            await cursor.executemany(
+                "UPDATE cards SET ciphertext = %s, has_security_code = false, updated_at = %s "
+                "WHERE card_ref = %s AND ciphertext = %s",
+                [(c.ciphertext, now, c.card_ref, c.old_ciphertext) for c in changes],
+            )
+            return cursor.rowcount
+
+
+def _card_row(columns: tuple[Any, ...]) -> CardRow:
+    return CardRow(*columns)  # psycopg gives bytea as bytes, as find_card relies on
+
+
+_CLAIM_CONTEXTS: Final = f"""
+INSERT INTO cc_uses ({CONTEXT_USE_COLUMNS})
+SELECT * FROM unnest(
+    %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[],
+    %s::text[]
+)
+ON CONFLICT (cc_jti) DO NOTHING
+RETURNING {CONTEXT_USE_COLUMNS}
+"""  # noqa: S608 - constants
+
+_TAKE_FROM_BUCKET: Final = """
+INSERT INTO rate_buckets AS b (merchant_id, tokens, updated_at)
+VALUES (%s, %s - 1, EXTRACT(EPOCH FROM clock_timestamp()))
+ON CONFLICT (merchant_id) DO UPDATE
+SET tokens = LEAST(%s, b.tokens + (EXCLUDED.updated_at - b.updated_at) * %s) - 1,
+    updated_at = EXCLUDED.updated_at
+WHERE LEAST(%s, b.tokens + (EXCLUDED.updated_at - b.updated_at) * %s) >= 1
+RETURNING tokens
+"""
 
 
 async def _keep_releases(
@@ -365,6 +565,8 @@ def _audit_values(item: StoredAuditEntry) -> tuple[Any, ...]:
         entry.tt_jti,
         entry.outcome,
         entry.reason,
+        entry.actor,
+        entry.detail,
         item.prev_hash,
         item.hash,
     )

@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
@@ -33,18 +34,24 @@ from pci_side.vault.migrations import SQLITE_MIGRATIONS
 from pci_side.vault.store import (
     AUDIT_COLUMNS,
     CARD_COLUMNS,
+    CONTEXT_USE_COLUMNS,
     RELEASE_COLUMNS,
     CardRow,
     CardSummary,
+    CodeRemoval,
+    ContextUse,
     FoundCard,
     ImportItem,
     ReleaseRow,
     Rewrap,
     WrappedDek,
     plan_import,
+    versions_in_use,
 )
 from relay import sqlitedb
 from relay.errors import ConfigError
+from relay.ratelimit import RateLimiter
+from relay.secrets import Secret
 
 __all__ = ["SQLiteStore", "sqlite_path"]
 
@@ -61,7 +68,8 @@ _INSERT_GRANT: Final = (
     "INSERT INTO grants (card_ref, merchant_id, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _INSERT_AUDIT: Final = (
-    f"INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+    f"INSERT INTO audit_log ({AUDIT_COLUMNS}) "  # noqa: S608 - constants
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SUMMARY_COLUMNS: Final = (
     "card_ref, first6, last4, exp_month, exp_year, card_type, has_security_code, key_version, "
@@ -81,6 +89,7 @@ class SQLiteStore:
         """Take over an executor and the connection its only thread opened; see `open`."""
         self._executor = executor
         self._connection = connection
+        self._buckets: dict[tuple[float, int], RateLimiter] = {}
 
     @classmethod
     async def open(cls, url: str) -> SQLiteStore:
@@ -162,9 +171,11 @@ class SQLiteStore:
         self,
         entries: Sequence[tuple[dt.datetime, AuditEntry]],
         releases: Sequence[ReleaseRow] = (),
+        *,
+        audit_key: Secret[bytes],
     ) -> list[StoredAuditEntry]:
         """Chain entries onto the head under the write lock; keep the releases with them."""
-        return await self._run(_append_audit, entries, releases)
+        return await self._run(_append_audit, audit_key, entries, releases)
 
     async def audit_after(self, seq: int, limit: int) -> list[StoredAuditEntry]:
         """Entries after seq, ascending."""
@@ -183,6 +194,80 @@ class SQLiteStore:
     async def find_release(self, cc_jti: str) -> ReleaseRow | None:
         """See Store.find_release."""
         return await self._run(_find_release, cc_jti)
+
+    async def kek_checks(self) -> dict[int, str]:
+        """See Store.kek_checks."""
+        return dict(await self._run(_all_rows, "SELECT version, check_value FROM kek_checks", ()))
+
+    async def record_kek_check(self, version: int, check_value: str, now: dt.datetime) -> None:
+        """See Store.record_kek_check."""
+        await self._run(
+            _all_rows,
+            "INSERT INTO kek_checks (version, check_value, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (version) DO NOTHING",
+            (version, check_value, format_at(now)),
+        )
+
+    async def key_versions_in_use(self, now: dt.datetime) -> dict[int, str]:
+        """See Store.key_versions_in_use."""
+        rows = await self._run(_all_rows, _VERSIONS_IN_USE, (int(now.timestamp()),))
+        return versions_in_use(rows)
+
+    async def sealed_under(self, version: int) -> WrappedDek | ReleaseRow | None:
+        """See Store.sealed_under."""
+        return await self._run(_sealed_under, version)
+
+    async def claim_contexts(
+        self, uses: Sequence[ContextUse], purge_before: int | None
+    ) -> list[ContextUse | None]:
+        """See Store.claim_contexts."""
+        return await self._run(_claim_contexts, uses, purge_before)
+
+    async def unclaim_context(self, use: ContextUse) -> None:
+        """See Store.unclaim_context."""
+        await self._run(_unclaim_context, use)
+
+    async def fail_context(self, cc_jti: str, reason: str) -> None:
+        """See Store.fail_context."""
+        await self._run(_fail_context, cc_jti, reason)
+
+    async def take_over_context(self, held: ContextUse, holder: str) -> bool:
+        """See Store.take_over_context."""
+        return await self._run(_take_over_context, held, holder)
+
+    async def beat(self, instance_id: str) -> None:
+        """See Store.beat."""
+        await self._run(_beat, instance_id, time.time())
+
+    async def leave(self, instance_id: str) -> None:
+        """See Store.leave."""
+        await self._run(_leave, instance_id)
+
+    async def silent_for(self, instance_id: str) -> float | None:
+        """See Store.silent_for."""
+        seen = await self._run(_seen_at, instance_id)
+        return None if seen is None else max(0.0, time.time() - seen)
+
+    async def take_rate_token(self, key: str, rate: float, burst: int) -> bool:
+        """See Store.take_rate_token: in memory, the file serves one process."""
+        limiter = self._buckets.get((rate, burst))
+        if limiter is None:
+            limiter = self._buckets[(rate, burst)] = RateLimiter(rate, burst)
+        return limiter.try_take(key)
+
+    async def card_row(self, card_ref: str) -> CardRow | None:
+        """See Store.card_row."""
+        return await self._run(_card_row, card_ref)
+
+    async def rows_with_security_code(
+        self, created_before: dt.datetime, after: str | None, limit: int
+    ) -> list[CardRow]:
+        """See Store.rows_with_security_code."""
+        return await self._run(_rows_with_code, format_at(created_before), after or "", limit)
+
+    async def remove_security_codes(self, changes: Sequence[CodeRemoval], now: dt.datetime) -> int:
+        """Compare-and-set each row's record on its old ciphertext."""
+        return await self._run(_remove_codes, changes, format_at(now))
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -337,6 +422,75 @@ def _find_release(connection: sqlite3.Connection, cc_jti: str) -> ReleaseRow | N
     return None if found is None else ReleaseRow(*found)
 
 
+def _claim_contexts(
+    connection: sqlite3.Connection, uses: Sequence[ContextUse], purge_before: int | None
+) -> list[ContextUse | None]:
+    held: list[ContextUse | None] = []
+    with sqlitedb.transaction(connection):
+        if purge_before is not None:
+            connection.execute("DELETE FROM cc_uses WHERE expires_at < ?", (purge_before,))
+        for use in uses:
+            inserted = connection.execute(
+                f"INSERT INTO cc_uses ({CONTEXT_USE_COLUMNS}) "  # noqa: S608 - constants
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cc_jti) DO NOTHING",
+                dataclasses.astuple(use),
+            ).rowcount
+            if inserted:
+                held.append(None)
+                continue
+            row = connection.execute(
+                f"SELECT {CONTEXT_USE_COLUMNS} FROM cc_uses WHERE cc_jti = ?",  # noqa: S608
+                (use.cc_jti,),
+            ).fetchone()
+            held.append(ContextUse(*row))
+    return held
+
+
+def _unclaim_context(connection: sqlite3.Connection, use: ContextUse) -> None:
+    with sqlitedb.transaction(connection):
+        connection.execute(
+            "DELETE FROM cc_uses WHERE cc_jti = ? AND holder = ? AND failed_reason = ''",
+            (use.cc_jti, use.holder),
+        )
+
+
+def _fail_context(connection: sqlite3.Connection, cc_jti: str, reason: str) -> None:
+    with sqlitedb.transaction(connection):
+        connection.execute(
+            "UPDATE cc_uses SET failed_reason = ? WHERE cc_jti = ?", (reason, cc_jti)
+        )
+
+
+def _take_over_context(connection: sqlite3.Connection, held: ContextUse, holder: str) -> bool:
+    with sqlitedb.transaction(connection):
+        taken = connection.execute(
+            "UPDATE cc_uses SET holder = ? WHERE cc_jti = ? AND holder = ? AND failed_reason = ''",
+            (holder, held.cc_jti, held.holder),
+        ).rowcount
+    return taken == 1
+
+
+def _beat(connection: sqlite3.Connection, instance_id: str, now: float) -> None:
+    with sqlitedb.transaction(connection):
+        connection.execute(
+            "INSERT INTO pci_instances (instance_id, seen_at) VALUES (?, ?) "
+            "ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at",
+            (instance_id, now),
+        )
+
+
+def _leave(connection: sqlite3.Connection, instance_id: str) -> None:
+    with sqlitedb.transaction(connection):
+        connection.execute("DELETE FROM pci_instances WHERE instance_id = ?", (instance_id,))
+
+
+def _seen_at(connection: sqlite3.Connection, instance_id: str) -> float | None:
+    row = connection.execute(
+        "SELECT seen_at FROM pci_instances WHERE instance_id = ?", (instance_id,)
+    ).fetchone()
+    return None if row is None else float(row[0])
+
+
 def _scalar(connection: sqlite3.Connection, sql: str) -> int:
     value = connection.execute(sql).fetchone()[0]
     assert isinstance(value, int)
@@ -369,6 +523,7 @@ def _rewrap(connection: sqlite3.Connection, changes: Sequence[Rewrap], stamp: st
 
 def _append_audit(
     connection: sqlite3.Connection,
+    audit_key: Secret[bytes],
     entries: Sequence[tuple[dt.datetime, AuditEntry]],
     releases: Sequence[ReleaseRow],
 ) -> list[StoredAuditEntry]:
@@ -378,7 +533,7 @@ def _append_audit(
         if releases:
             _keep_releases(connection, releases, entries[0][0])
         seq, head = _audit_head(connection)
-        stored = chain(seq, head, entries)
+        stored = chain(audit_key, seq, head, entries)
         connection.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])
         connection.execute(
             "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
@@ -399,6 +554,8 @@ def _audit_values(item: StoredAuditEntry) -> tuple[Any, ...]:
         entry.tt_jti,
         entry.outcome,
         entry.reason,
+        entry.actor,
+        entry.detail,
         item.prev_hash,
         item.hash,
     )
@@ -420,3 +577,67 @@ def _stored_entry(row: tuple[Any, ...]) -> StoredAuditEntry:
 def _audit_head(connection: sqlite3.Connection) -> tuple[int, str]:
     seq, head = connection.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
     return int(seq), str(head)
+
+
+def _card_row(connection: sqlite3.Connection, card_ref: str) -> CardRow | None:
+    found = connection.execute(
+        f"SELECT {CARD_COLUMNS} FROM cards WHERE card_ref = ?",  # noqa: S608 - constants
+        (card_ref,),
+    ).fetchone()
+    return None if found is None else _card_row_of(found)
+
+
+def _card_row_of(columns: tuple[Any, ...]) -> CardRow:
+    ref, first6, last4, month, year, card_type, has_code, *rest = columns
+    return CardRow(ref, first6, last4, month, year, card_type, bool(has_code), *rest)
+
+
+def _rows_with_code(
+    connection: sqlite3.Connection, created_before: str, after: str, limit: int
+) -> list[CardRow]:
+    # created_at is format_at text, fixed width in UTC: text order is time order.
+    rows = connection.execute(
+        f"SELECT {CARD_COLUMNS} FROM cards "  # noqa: S608 - constants
+        "WHERE has_security_code = 1 AND created_at <= ? AND card_ref > ? "
+        "ORDER BY card_ref LIMIT ?",
+        (created_before, after, limit),
+    ).fetchall()
+    return [_card_row_of(row) for row in rows]
+
+
+def _remove_codes(
+    connection: sqlite3.Connection, changes: Sequence[CodeRemoval], stamp: str
+) -> int:
+    with sqlitedb.transaction(connection):
+        cursor = connection.executemany(
+            "UPDATE cards SET ciphertext = ?, has_security_code = 0, updated_at = ? "
+            "WHERE card_ref = ? AND ciphertext = ?",
+            [(c.ciphertext, stamp, c.card_ref, c.old_ciphertext) for c in changes],
+        )
+        return cursor.rowcount
+
+
+_VERSIONS_IN_USE: Final = (
+    "SELECT 'kept releases', key_version FROM releases WHERE expires_at > ? "
+    "UNION SELECT 'cards', key_version FROM cards"
+)
+
+
+def _all_rows(
+    connection: sqlite3.Connection, sql: str, params: tuple[Any, ...]
+) -> list[tuple[Any, ...]]:
+    return connection.execute(sql, params).fetchall()
+
+
+def _sealed_under(connection: sqlite3.Connection, version: int) -> WrappedDek | ReleaseRow | None:
+    card = connection.execute(
+        "SELECT card_ref, key_version, wrapped_dek FROM cards WHERE key_version = ? LIMIT 1",
+        (version,),
+    ).fetchone()
+    if card is not None:
+        return WrappedDek(*card)
+    release = connection.execute(
+        f"SELECT {RELEASE_COLUMNS} FROM releases WHERE key_version = ? LIMIT 1",  # noqa: S608
+        (version,),
+    ).fetchone()
+    return None if release is None else ReleaseRow(*release)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
 from pci_side.vault.audit import AuditEntry, StoredAuditEntry
+from relay.secrets import Secret
 
 # Column orders both backends read rows in: one list, so the two row decoders cannot drift.
 CARD_COLUMNS: Final = (
@@ -23,7 +24,8 @@ CARD_COLUMNS: Final = (
     "key_version, wrapped_dek, ciphertext"
 )
 AUDIT_COLUMNS: Final = (
-    "seq, at, merchant_id, card_ref, request_id, cc_jti, tt_jti, outcome, reason, prev_hash, hash"
+    "seq, at, merchant_id, card_ref, request_id, cc_jti, tt_jti, outcome, reason, actor, detail, "
+    "prev_hash, hash"
 )
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "UNCHANGED",
     "CardRow",
     "CardSummary",
+    "CodeRemoval",
+    "ContextUse",
     "FoundCard",
     "ImportItem",
     "ImportPlan",
@@ -42,6 +46,7 @@ __all__ = [
     "Store",
     "WrappedDek",
     "plan_import",
+    "versions_in_use",
 ]
 
 CREATED: Final = "created"
@@ -135,6 +140,23 @@ class Rewrap:
         return f"Rewrap({self.card_ref!r}, {self.old_version}->{self.new_version})"
 
 
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class CodeRemoval:
+    """A compare-and-set: replace the record only if it is still old_ciphertext.
+
+    The new ciphertext holds the card without its security code, sealed under the same DEK,
+    so the wrapped DEK and key version are left as they are (a rotation may be changing them).
+    """
+
+    card_ref: str
+    old_ciphertext: bytes
+    ciphertext: bytes
+
+    def __repr__(self) -> str:
+        """Leave the ciphertexts out."""
+        return f"CodeRemoval({self.card_ref!r})"
+
+
 RELEASE_COLUMNS: Final = (
     "cc_jti, merchant_id, request_id, card_ref, tt_jti, expires_at, key_version, sealed_token"
 )
@@ -157,6 +179,37 @@ class ReleaseRow:
     def __repr__(self) -> str:
         """Name the release; the sealed token is left out."""
         return f"ReleaseRow({self.cc_jti!r}, {self.request_id!r}, tt_jti={self.tt_jti!r})"
+
+
+CONTEXT_USE_COLUMNS: Final = (
+    "cc_jti, merchant_id, app_id, request_id, card_ref, expires_at, holder, failed_reason"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContextUse:
+    """A capture context PciRelay accepted, and the one request it may release a card for."""
+
+    cc_jti: str
+    merchant_id: str
+    app_id: str
+    request_id: str
+    card_ref: str
+    expires_at: int
+    """Epoch seconds: the context's exp; after it the context is refused anyway."""
+    holder: str
+    """The attempt holding the context: `<PciRelay instance id>/<attempt number>`."""
+    failed_reason: str = ""
+    """The reason its attempt failed after the card was sent ("" while none is known)."""
+
+    def same_request(self, other: ContextUse) -> bool:
+        """Whether other is this use's own request (a repeat), not another's."""
+        return (self.merchant_id, self.app_id, self.request_id, self.card_ref) == (
+            other.merchant_id,
+            other.app_id,
+            other.request_id,
+            other.card_ref,
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -204,6 +257,15 @@ def _status(row: CardRow, by_ref: Mapping[str, str], by_fingerprint: Mapping[str
     return DUPLICATE_CARD if row.fingerprint in by_fingerprint else CREATED
 
 
+def versions_in_use(rows: Sequence[tuple[str, int]]) -> dict[int, str]:
+    """(where, version) rows into version -> where, "cards" winning over "kept releases"."""
+    found: dict[int, str] = {}
+    for where, version in rows:
+        if where == "cards" or version not in found:
+            found[version] = where
+    return found
+
+
 class Store(Protocol):
     """What the vault needs from a database. Each method is one transaction."""
 
@@ -245,12 +307,28 @@ class Store(Protocol):
         """Apply the compare-and-set changes in one transaction; return how many applied."""
         ...
 
+    async def card_row(self, card_ref: str) -> CardRow | None:
+        """The row of card_ref, or None."""
+        ...
+
+    async def rows_with_security_code(
+        self, created_before: dt.datetime, after: str | None, limit: int
+    ) -> list[CardRow]:
+        """Up to limit rows holding a CVV, stored at or before created_before, card_ref > after."""
+        ...
+
+    async def remove_security_codes(self, changes: Sequence[CodeRemoval], now: dt.datetime) -> int:
+        """Apply the compare-and-set changes in one transaction; return how many applied."""
+        ...
+
     async def append_audit(
         self,
         entries: Sequence[tuple[dt.datetime, AuditEntry]],
         releases: Sequence[ReleaseRow] = (),
+        *,
+        audit_key: Secret[bytes],
     ) -> list[StoredAuditEntry]:
-        """Chain the entries onto the head, serialized against every other append.
+        """Chain the entries onto the head under audit_key, serialized against every other append.
 
         The releases are kept in the same transaction (the first for a cc_jti wins), and
         releases expired by the first entry's time are dropped.
@@ -269,6 +347,69 @@ class Store(Protocol):
         """The release kept for cc_jti, if any (expired or not: the caller checks)."""
         ...
 
+    async def claim_contexts(
+        self, uses: Sequence[ContextUse], purge_before: int | None
+    ) -> list[ContextUse | None]:
+        """Record each use unless its cc_jti is recorded already, in one transaction.
+
+        For each use in order: None if it was recorded, else the use holding its jti (an
+        earlier one of the batch, or one already there). Atomic across every process on the
+        database (the primary key decides). Uses whose context expired before purge_before
+        (epoch seconds) are deleted first, when given.
+        """
+        ...
+
+    async def unclaim_context(self, use: ContextUse) -> None:
+        """Delete use if its holder still holds it (its card was never sent)."""
+        ...
+
+    async def take_over_context(self, held: ContextUse, holder: str) -> bool:
+        """Make holder the holder of held's context if held is still as read and unfailed."""
+        ...
+
+    async def beat(self, instance_id: str) -> None:
+        """Note that the PciRelay process instance_id is alive, now."""
+        ...
+
+    async def leave(self, instance_id: str) -> None:
+        """Forget instance_id's heartbeat: it stopped, with nothing in flight."""
+        ...
+
+    async def silent_for(self, instance_id: str) -> float | None:
+        """Seconds since instance_id's last heartbeat; None if it has none."""
+        ...
+
+    async def fail_context(self, cc_jti: str, reason: str) -> None:
+        """Note why the attempt under cc_jti failed after its card was sent."""
+        ...
+
+    async def take_rate_token(self, key: str, rate: float, burst: int) -> bool:
+        """Take one token from key's bucket (burst, refilled at rate per second); False if empty.
+
+        Shared by every process on the database where the backend can (PostgreSQL, on the
+        database's clock); a SQLite vault serves one process and keeps its buckets in memory.
+        """
+        ...
+
     async def audit_head(self) -> tuple[int, str]:
         """The (seq, hash) the head row records for the last entry ((0, GENESIS) when empty)."""
+        ...
+
+    async def kek_checks(self) -> dict[int, str]:
+        """The check value recorded for each KEK version."""
+        ...
+
+    async def record_kek_check(self, version: int, check_value: str, now: dt.datetime) -> None:
+        """Record a version's check value, unless one is recorded already (the first stays)."""
+        ...
+
+    async def key_versions_in_use(self, now: dt.datetime) -> dict[int, str]:
+        """Each KEK version some card or unexpired kept release is sealed under, and which.
+
+        The value is "cards" or "kept releases", for the message of a version the keyring lacks.
+        """
+        ...
+
+    async def sealed_under(self, version: int) -> WrappedDek | ReleaseRow | None:
+        """One card's wrapped DEK under version, else one kept release under it, else None."""
         ...

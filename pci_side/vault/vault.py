@@ -14,34 +14,53 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final, Self
 
 import structlog
 
 from pci_side.vault.audit import (
-    AuditBatcher,
     AuditEntry,
     AuditVerdict,
     ChainVerifier,
     StoredAuditEntry,
     check_entry,
 )
-from pci_side.vault.envelope import open_card, open_token, rewrap_dek, seal_card, seal_token
+from pci_side.vault.batching import GroupCommit
+from pci_side.vault.envelope import (
+    open_card,
+    open_token,
+    rewrap_dek,
+    seal_card,
+    seal_token,
+    without_security_code,
+)
 from pci_side.vault.errors import VaultIntegrityError
-from pci_side.vault.kek import FileKeyProvider, KeyProvider, Keyring
+from pci_side.vault.kek import KEK_FILE_VARIABLE, FileKeyProvider, KeyProvider, Keyring
+from pci_side.vault.kek_checks import KeyChecks, verify_keyring
 from pci_side.vault.postgres import PostgresStore
 from pci_side.vault.sqlite import SQLiteStore
-from pci_side.vault.store import CardSummary, ImportItem, ReleaseRow, Rewrap, Store
+from pci_side.vault.store import (
+    CardRow,
+    CardSummary,
+    CodeRemoval,
+    ContextUse,
+    ImportItem,
+    ReleaseRow,
+    Rewrap,
+    Store,
+    WrappedDek,
+)
 from relay.cards import CardData
-from relay.config import VaultConfig
-from relay.errors import CardNotFound, ConfigError, InvalidCardData, NotGranted
+from relay.config import CVV_DELETE_AFTER_USE, CVV_POLICIES, DEFAULT_CVV_MAX_AGE, VaultConfig
+from relay.errors import CardNotFound, ConfigError, InvalidCardData, NotGranted, RateLimited
 from relay.ids import check_card_ref, check_merchant_id
 from relay.secrets import Secret
 
 __all__ = [
     "CardVault",
     "Clock",
+    "CvvRetention",
     "ImportOutcome",
     "NewCard",
     "Released",
@@ -51,10 +70,17 @@ __all__ = [
 ]
 
 Clock = Callable[[], dt.datetime]
+_Append = tuple[dt.datetime, AuditEntry, ReleaseRow | None]
+"""An audit entry, its time, and the release a success keeps in the same transaction."""
 
 NOT_FOUND_MESSAGE: Final = "card not found"
 KEPT_RELEASE_MARGIN_SECONDS: Final = 30
+CONTEXT_USE_PURGE_EVERY: Final = 64
+"""Claim transactions between two purges of expired context uses."""
+CONTEXT_USE_GRACE_SECONDS: Final = 600
+"""How long a context use is kept past the context's exp (clock skew between replicas)."""
 MAX_PAGE: Final = 10_000
+MAX_CVV_SWEEP_INTERVAL: Final = 300.0
 _log = structlog.get_logger("pci_side.vault")
 
 
@@ -112,23 +138,76 @@ class RotationReport:
     current_version: int
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CvvRetention:
+    """How long the vault keeps a security code (PCI DSS 4.0 3.3.1.2 and 3.3.3).
+
+    `delete-after-use` deletes it once a tokenization succeeded; `keep` (for an issuer with a
+    documented business need) does not. Under either, no CVV outlives max_age seconds after
+    its card was stored: the worker's sweep deletes it.
+    """
+
+    policy: str = CVV_DELETE_AFTER_USE
+    max_age: int = DEFAULT_CVV_MAX_AGE
+
+    def __post_init__(self) -> None:
+        """Refuse a policy or age the settings could not have produced."""
+        if self.policy not in CVV_POLICIES or self.max_age < 1:
+            raise ValueError("unknown CVV policy or a max age under 1 s")
+
+    @classmethod
+    def of(cls, config: VaultConfig) -> CvvRetention:
+        """The retention RELAY_VAULT_CVV_POLICY and RELAY_VAULT_CVV_MAX_AGE ask for."""
+        return cls(config.cvv_policy, config.cvv_max_age)
+
+    @property
+    def deletes_after_use(self) -> bool:
+        """Whether a successful tokenization deletes the CVV."""
+        return self.policy == CVV_DELETE_AFTER_USE
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between sweeps: a CVV outlives max_age by at most a quarter of it (or 5 min)."""
+        return min(self.max_age / 4, MAX_CVV_SWEEP_INTERVAL)
+
+    def describe(self) -> str:
+        """One line for operators, e.g. `delete-after-use, max age 86400 s`."""
+        return f"{self.policy}, max age {self.max_age} s"
+
+
 class CardVault:
     """Cards encrypted at rest, grants, and the audit chain, over one Store."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  the seams past the keys are keyword-only
         self,
         store: Store,
         keys: KeyProvider | Keyring,
         fingerprint_key: Secret[bytes],
+        audit_key: Secret[bytes],
         *,
         clock: Clock = utc_now,
+        cvv_retention: CvvRetention | None = None,
     ) -> None:
         """Use open_vault; this is the seam for tests and other key providers."""
         self._store = store
         self._keyring = keys if isinstance(keys, Keyring) else Keyring(keys)
         self._fingerprint_key = fingerprint_key
+        self._audit_key = audit_key
         self._clock = clock
-        self._audit: AuditBatcher[ReleaseRow] = AuditBatcher(store.append_audit)
+        self._cvv = cvv_retention if cvv_retention is not None else CvvRetention()
+        self._claims: GroupCommit[ContextUse, ContextUse | None] = GroupCommit(
+            self._claim_batch, name="vault-context-claims"
+        )
+        self._claim_batches = 0
+        self._audit: GroupCommit[_Append, int] = GroupCommit(
+            self._append_audit, name="vault-audit-append"
+        )
+        self._key_checks = KeyChecks(store, {}, clock)
+
+    @property
+    def cvv_retention(self) -> CvvRetention:
+        """How long this vault keeps security codes."""
+        return self._cvv
 
     @property
     def key_version(self) -> int:
@@ -136,8 +215,9 @@ class CardVault:
         return self._keyring.provider.current_version()
 
     async def close(self) -> None:
-        """Finish queued audit appends, then close the store."""
+        """Finish queued audit appends and claims, then close the store."""
         await self._audit.drain()
+        await self._claims.drain()
         await self._store.close()
 
     async def __aenter__(self) -> Self:
@@ -153,6 +233,7 @@ class CardVault:
         if not cards:
             return []
         version, kek = self._keyring.current()
+        await self._key_checks.record(version, kek)
         items = [
             ImportItem(
                 seal_card(
@@ -181,6 +262,7 @@ class CardVault:
         try:
             return open_card(found.row, kek)
         except VaultIntegrityError:
+            await self._key_checks.explain(found.row.key_version, kek)
             _log.error("vault_integrity_failure", card_ref=card_ref)
             raise
 
@@ -222,21 +304,86 @@ class CardVault:
             raise ValueError("batch_size must be at least 1")
         await self._keyring.reload()
         version, kek = self._keyring.current()
+        await self._key_checks.record(version, kek)
         rewrapped, after = 0, None
         while batch := await self._store.deks_to_rewrap(version, after, batch_size):
-            changes = [
-                Rewrap(
-                    row.card_ref,
-                    row.key_version,
-                    version,
-                    rewrap_dek(row, await self._keyring.key(row.key_version), kek, version),
-                )
-                for row in batch
-            ]
+            changes = [await self._rewrap(row, kek, version) for row in batch]
             rewrapped += await self._store.rewrap(changes, self._clock())
             after = batch[-1].card_ref
         _log.info("vault_key_rotated", rewrapped=rewrapped, current_version=version)
         return RotationReport(rewrapped, version)
+
+    async def _rewrap(self, row: WrappedDek, kek: Secret[bytes], version: int) -> Rewrap:
+        old_kek = await self._keyring.key(row.key_version)
+        try:
+            wrapped = rewrap_dek(row, old_kek, kek, version)
+        except VaultIntegrityError:
+            await self._key_checks.explain(row.key_version, old_kek)
+            raise
+        return Rewrap(row.card_ref, row.key_version, version, wrapped)
+
+    async def security_code_used(self, card_ref: str) -> None:
+        """Apply the CVV policy after a successful tokenization of card_ref.
+
+        Never raises: the token is issued already, and failing the call would lose it. A CVV
+        that could not be deleted is logged, and the sweep still bounds how long it stays.
+        """
+        if not self._cvv.deletes_after_use:
+            return
+        try:
+            deleted = await self._delete_security_code(card_ref)
+        except Exception as exc:  # noqa: BLE001  logged by type only: a message may quote values
+            _log.error("vault_cvv_delete_failed", card_ref=card_ref, error=type(exc).__name__)
+            return
+        if deleted:
+            _log.info("vault_cvv_deleted", deleted=1)
+
+    async def _delete_security_code(self, card_ref: str) -> bool:
+        """Re-seal card_ref without its CVV; False if it had none (or another writer removed it)."""
+        # A lost compare-and-set means another writer changed the record: look again, once.
+        for _ in range(2):
+            row = await self._store.card_row(card_ref)
+            if row is None or not row.has_security_code:
+                return False
+            removal = await self._code_removal(row)
+            if await self._store.remove_security_codes([removal], self._clock()) == 1:
+                return True
+        return False
+
+    async def _code_removal(self, row: CardRow) -> CodeRemoval:
+        kek = await self._keyring.key(row.key_version)
+        try:
+            stripped = without_security_code(row, kek)
+        except VaultIntegrityError:
+            _log.error("vault_integrity_failure", card_ref=row.card_ref)
+            raise
+        return CodeRemoval(row.card_ref, row.ciphertext, stripped.ciphertext)
+
+    async def purge_expired_security_codes(
+        self, now: dt.datetime | None = None, *, batch_size: int = 200
+    ) -> int:
+        """Delete every CVV whose card was stored max_age or more before now; return how many.
+
+        Batches go by card_ref; each removal is a compare-and-set on the record, so a
+        concurrent deletion or rotation is never overwritten. A row that fails its integrity
+        check is logged and skipped, so one bad row does not keep every other CVV.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        cutoff = (now or self._clock()) - dt.timedelta(seconds=self._cvv.max_age)
+        purged, failed, after = 0, 0, None
+        while batch := await self._store.rows_with_security_code(cutoff, after, batch_size):
+            removals = []
+            for row in batch:
+                try:
+                    removals.append(await self._code_removal(row))
+                except VaultIntegrityError:
+                    failed += 1
+            if removals:
+                purged += await self._store.remove_security_codes(removals, self._clock())
+            after = batch[-1].card_ref
+        _log.info("vault_cvv_purged", purged=purged, failed=failed, max_age=self._cvv.max_age)
+        return purged
 
     async def kept_release(
         self, cc_jti: str, merchant_id: str, request_id: str, card_ref: str
@@ -253,10 +400,59 @@ class CardVault:
         if row.expires_at - KEPT_RELEASE_MARGIN_SECONDS <= self._clock().timestamp():
             return None
         kek = await self._keyring.key(row.key_version)
-        token = open_token(row, kek)
+        try:
+            token = open_token(row, kek)
+        except VaultIntegrityError:
+            await self._key_checks.explain(row.key_version, kek)
+            raise
         return Released(
             cc_jti, merchant_id, request_id, card_ref, token, row.tt_jti, row.expires_at
         )
+
+    async def claim_context(self, use: ContextUse) -> ContextUse | None:
+        """Make use's context release a card for use's request only: None, or the use holding it.
+
+        The first claim of a cc_jti wins on every replica; a caller given a holder must not
+        release anything under that context. Claims arriving together share one transaction
+        (group commit); expired uses are purged now and then.
+        """
+        return await self._claims.submit(use)
+
+    async def _claim_batch(self, uses: Sequence[ContextUse]) -> list[ContextUse | None]:
+        self._claim_batches += 1
+        purge_before = None
+        if self._claim_batches % CONTEXT_USE_PURGE_EVERY == 1:
+            purge_before = int(self._clock().timestamp()) - CONTEXT_USE_GRACE_SECONDS
+        return await self._store.claim_contexts(uses, purge_before)
+
+    async def unclaim_context(self, use: ContextUse) -> None:
+        """Give a context back: its card was never sent, so its request may try again."""
+        await self._store.unclaim_context(use)
+
+    async def fail_context(self, cc_jti: str, reason: str) -> None:
+        """Note that the attempt under cc_jti failed after its card was sent, and why."""
+        await self._store.fail_context(cc_jti, reason)
+
+    async def take_over_context(self, held: ContextUse, holder: str) -> bool:
+        """Hand a context whose holder died to holder; False if it changed meanwhile."""
+        return await self._store.take_over_context(held, holder)
+
+    async def beat(self, instance_id: str) -> None:
+        """This PciRelay process is alive (see pci_side/presence.py)."""
+        await self._store.beat(instance_id)
+
+    async def leave(self, instance_id: str) -> None:
+        """This PciRelay process stops, with nothing in flight."""
+        await self._store.leave(instance_id)
+
+    async def silent_for(self, instance_id: str) -> float | None:
+        """Seconds since a PciRelay process's last heartbeat; None if it has none."""
+        return await self._store.silent_for(instance_id)
+
+    async def take_rate_token(self, merchant_id: str, rate: float, burst: int) -> None:
+        """One call's worth of merchant_id's rate, shared by every replica; else RateLimited."""
+        if not await self._store.take_rate_token(merchant_id, rate, burst):
+            raise RateLimited("too many requests; slow down", merchant=merchant_id)
 
     async def record_attempt(self, entry: AuditEntry, released: Released | None = None) -> int:
         """Append one tokenization attempt to the audit chain; return its seq.
@@ -265,11 +461,49 @@ class CardVault:
         so that every success in the chain can be handed back to a repeat of its request.
         """
         check_entry(entry)
-        row = None if released is None else self._release_row(released)
-        return await self._audit.append(self._clock(), entry, row)
+        row = None if released is None else await self._release_row(released)
+        return await self._audit.submit((self._clock(), entry, row))
 
-    def _release_row(self, released: Released) -> ReleaseRow:
+    async def record_refusal(
+        self,
+        reason: str,
+        actor: str,
+        *,
+        merchant_id: str = "",
+        request_id: str = "",
+        card_ref: str = "",
+    ) -> int:
+        """Append a call refused before the tokenizer ran (reason: its relay reason code)."""
+        entry = AuditEntry(
+            merchant_id, card_ref, request_id, "", "", "refused", reason, actor=actor
+        )
+        check_entry(entry)
+        return await self._audit.submit((self._clock(), entry, None))
+
+    async def record_admin(
+        self,
+        action: str,
+        actor: str,
+        detail: str = "",
+        *,
+        merchant_id: str = "",
+        card_ref: str = "",
+    ) -> int:
+        """Append an operator's action; detail holds counts and parameters, never card data."""
+        entry = AuditEntry(merchant_id, card_ref, "", "", "", "admin", action, actor, detail)
+        check_entry(entry)
+        return await self._audit.submit((self._clock(), entry, None))
+
+    async def _append_audit(self, batch: Sequence[_Append]) -> list[int]:
+        """One transaction of the group commit: the entries chained, the releases kept."""
+        entries = [(at, entry) for at, entry, _ in batch]
+        releases = [release for _, _, release in batch if release is not None]
+        stored = await self._store.append_audit(entries, releases, audit_key=self._audit_key)
+        return [row.seq for row in stored]
+
+    async def _release_row(self, released: Released) -> ReleaseRow:
         version, kek = self._keyring.current()
+        await self._key_checks.record(version, kek)
         row = ReleaseRow(
             released.cc_jti,
             released.merchant_id,
@@ -285,7 +519,7 @@ class CardVault:
     async def verify_audit(self, *, batch_size: int = 1000) -> AuditVerdict:
         """Walk the chain up to the head read at the start, and report the first broken link."""
         head = await self._store.audit_head()
-        verifier, seq = ChainVerifier(), 0
+        verifier, seq = ChainVerifier(self._audit_key), 0
         while seq < head[0]:
             rows = await self._store.audit_after(seq, batch_size)
             rows = [row for row in rows if row.seq <= head[0]]
@@ -319,6 +553,24 @@ class CardVault:
             (row for rows in open_attempts.values() for row in rows), key=lambda row: row.seq
         )
 
+    async def audit_pages(self, *, batch_size: int = 1000) -> AsyncIterator[list[StoredAuditEntry]]:
+        """The chain in seq order, page by page (keyset on seq), up to the head read first.
+
+        Stopping at that head keeps an export finite while appends go on (its own record too).
+        """
+        if not 1 <= batch_size <= MAX_PAGE:
+            raise ValueError(f"batch_size must be 1 to {MAX_PAGE}")
+        head_seq, _ = await self._store.audit_head()
+        seq = 0
+        while seq < head_seq:
+            rows = [
+                row for row in await self._store.audit_after(seq, batch_size) if row.seq <= head_seq
+            ]
+            if not rows:
+                return
+            yield rows
+            seq = rows[-1].seq
+
     async def audit_entries(self, *, limit: int = 100) -> list[StoredAuditEntry]:
         """The newest entries, newest first."""
         if not 1 <= limit <= MAX_PAGE:
@@ -345,11 +597,29 @@ async def open_vault(
 ) -> CardVault:
     """Load the keyring (RELAY_VAULT_KEK_FILE unless keys is given), open the store, and wrap.
 
+    The keyring is checked against the vault first (kek_checks.verify_keyring): a version in use
+    that the keyring lacks, or holds another key for, is a ConfigError naming version and file.
+
     open_timeout bounds how long a PostgreSQL pool may take to fill before VaultUnavailable.
     """
     if len(config.fingerprint_key.get_secret_value()) < 32:
         raise ConfigError(["RELAY_VAULT_FINGERPRINT_KEY_FILE must hold at least 32 bytes"])
-    provider = keys if keys is not None else await FileKeyProvider.load(config.kek_file)
+    if len(config.audit_key.get_secret_value()) < 32:
+        raise ConfigError(["RELAY_VAULT_AUDIT_KEY_FILE must hold at least 32 bytes"])
+    provider = keys or await FileKeyProvider.load(config.kek_file, group=config.secret_files_group)
     store = await open_store(config, open_timeout=open_timeout)
+    try:
+        source = f"{KEK_FILE_VARIABLE} ({config.kek_file})"
+        await verify_keyring(store, provider, source, clock())
+    except BaseException:
+        await store.close()
+        raise
     _log.info("vault_opened", backend=config.backend, key_version=provider.current_version())
-    return CardVault(store, provider, config.fingerprint_key, clock=clock)
+    return CardVault(
+        store,
+        provider,
+        config.fingerprint_key,
+        config.audit_key,
+        clock=clock,
+        cvv_retention=CvvRetention.of(config),
+    )

@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Mapping
 
 from relay import tlsgen
+from relay.receipts import generate_receipt_key
 from tests.deploy.manifests import DEPLOY, ManifestError, Manifests, Workload
 
 SecretKey = tuple[str, str]
@@ -43,7 +44,7 @@ class TestSecrets:
         self.gateway_ca = tlsgen.new_ca("deploy test: MerchantGateway server CA")
         self.apps_ca = tlsgen.new_ca("deploy test: merchant apps client CA")
         self.merchant_id = _merchant_id(manifests)
-        self.app = tlsgen.issue_client(self.apps_ca, APP_ID)
+        self.app = tlsgen.issue_app(self.apps_ca, APP_ID)
         self.shared_secret = _b64()
         self.files = self._files(manifests)
 
@@ -56,8 +57,13 @@ class TestSecrets:
             ("relay-flexsim", "flexsim-tls"): _pair(flexsim),
             ("relay-flexsim", "flexsim-credentials"): {"shared-secret": self.shared_secret},
             ("relay-pci", "pci-relay-tls"): _pair(pci, {"client-ca.crt": self.merchants_ca}),
-            ("relay-pci", "pci-vault-keys"): {"kek": b"1:" + _b64(), "fingerprint-key": _b64()},
+            ("relay-pci", "pci-vault-keys"): {
+                "kek": b"1:" + _b64(),
+                "fingerprint-key": _b64(),
+                "audit.key": secrets.token_bytes(32),
+            },
             ("relay-pci", "pci-vault-dsn"): {"dsn": DSN_PCI.encode()},
+            ("relay-pci", "pci-receipt-key"): {"receipt.key": generate_receipt_key()},
             ("relay-pci", "flexsim-ca"): {"ca.crt": self.flex_ca.cert_pem},
             ("relay-merchant", "merchant-gateway-tls"): _pair(
                 gateway, {"client-ca.crt": self.apps_ca}

@@ -18,7 +18,8 @@ The fixtures:
 
 - ``merchant_pki`` (session): the PCI rig's test PKI (one CA, one server certificate for
   localhost and 127.0.0.1, used by both servers) plus client certificate files on disk: the
-  merchant's (``MERCHANT``, which PciRelay reads as the caller) and a merchant app's (``APP``).
+  merchant's (``MERCHANT``, which PciRelay reads as the caller) and merchant apps' (``APP``,
+  ``OTHER_APP``: SAN URI ``urn:relay:app:<id>``, which the gateway reads as the caller).
 - ``merchant_flexsim`` (module): a simulator whose one-time key pool holds ``POOL_SIZE`` keys,
   enough for a 500-request bulk stream. RSA-2048 keys are made at about 24 a second, so the pool
   fills in the background while the module's earlier tests run; a test that drains it still
@@ -49,6 +50,7 @@ import pytest
 from merchant_side.cli import running
 from merchant_side.client import MerchantClient
 from pci_side.vault import AuditEntry, CardVault
+from relay import tlsgen
 from relay.config import MerchantConfig, PciClientConfig
 from relay.pb.v1 import merchant_gateway_pb2_grpc
 from relay.secrets import Secret
@@ -59,6 +61,8 @@ from tests.vault_backends import postgres_schema
 
 APP = "shop-app"
 """The merchant app calling the gateway: its client certificate names it."""
+OTHER_APP = "other-app"
+"""A second app of the same merchant: its requests and tokens are its own."""
 GATEWAY_SERVICE = "relay.pb.v1.MerchantGateway"
 POOL_SIZE = 600
 """One-time keys the module's simulator keeps ready: a 500-request stream and some to spare."""
@@ -72,12 +76,26 @@ class MerchantPKI(RigPKI):
         """Make the CA and the server certificate; client files are written on demand."""
         super().__init__(directory)
         self._files: dict[str, tuple[Path, Path]] = {}
+        self._apps: dict[str, tlsgen.Issued] = {}
+        self._app_files: dict[str, tuple[Path, Path]] = {}
 
     def client_files(self, name: str) -> tuple[Path, Path]:
-        """(certificate, key) files of the client certificate naming name."""
+        """(certificate, key) files of the client certificate naming merchant name."""
         if name not in self._files:
             self._files[name] = self.client(name).write(self.directory, f"client-{name}")
         return self._files[name]
+
+    def app(self, name: str) -> tlsgen.Issued:
+        """The client certificate naming app name (made once)."""
+        if name not in self._apps:
+            self._apps[name] = tlsgen.issue_app(self.ca, name)
+        return self._apps[name]
+
+    def app_files(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) files of the client certificate naming app name."""
+        if name not in self._app_files:
+            self._app_files[name] = self.app(name).write(self.directory, f"app-{name}")
+        return self._app_files[name]
 
     def pci_client_config(self, target: str, merchant: str = MERCHANT) -> PciClientConfig:
         """How a gateway of merchant reaches PciRelay at target: mutual TLS."""
@@ -87,15 +105,18 @@ class MerchantPKI(RigPKI):
         )
 
     def app_client(self, port: int, name: str = APP) -> MerchantClient:
-        """A MerchantClient over mutual TLS to a gateway on 127.0.0.1:port."""
-        cert, key = self.client_files(name)
+        """A MerchantClient over mutual TLS to a gateway on 127.0.0.1:port, as app name."""
+        cert, key = self.app_files(name)
         return MerchantClient.connect(
             f"127.0.0.1:{port}", ca_file=self.ca_file, cert_file=cert, key_file=key
         )
 
-    def app_channel(self, port: int, name: str = APP) -> grpc.aio.Channel:
-        """A raw channel to the gateway (health, reflection, wire-level checks)."""
-        return grpc.aio.secure_channel(f"127.0.0.1:{port}", self.credentials(name))
+    def app_channel(
+        self, port: int, name: str = APP, *, client: tlsgen.Issued | None = None
+    ) -> grpc.aio.Channel:
+        """A raw channel to the gateway as app name, or with client's certificate if given."""
+        credentials = self.credentials(client=client or self.app(name))
+        return grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
 
 
 # --- A TCP link that is slow to start -----------------------------------------------------------
@@ -231,15 +252,26 @@ class MerchantRig:
         assert self.pci is not None, "this rig has no PciRelay"
         return self.pci.vault
 
-    def channel(self, gateway: int = 0) -> grpc.aio.Channel:
-        """A raw channel to a gateway as the merchant app, closed with the rig."""
-        channel = self.pki.app_channel(self.gateways[gateway].port)
+    def channel(
+        self, gateway: int = 0, *, app: str = APP, client: tlsgen.Issued | None = None
+    ) -> grpc.aio.Channel:
+        """A raw channel to a gateway as app (or with client's certificate), closed with the rig."""
+        channel = self.pki.app_channel(self.gateways[gateway].port, app, client=client)
         self._stack.push_async_callback(channel.close, None)
         return channel
 
-    def stub(self, gateway: int = 0) -> merchant_gateway_pb2_grpc.MerchantGatewayStub:
-        """A raw MerchantGateway stub on a new channel."""
-        return merchant_gateway_pb2_grpc.MerchantGatewayStub(self.channel(gateway))  # type: ignore[no-untyped-call]
+    def stub(
+        self, gateway: int = 0, *, app: str = APP, client: tlsgen.Issued | None = None
+    ) -> merchant_gateway_pb2_grpc.MerchantGatewayStub:
+        """A raw MerchantGateway stub on a new channel, as app (or with client's certificate)."""
+        channel = self.channel(gateway, app=app, client=client)
+        return merchant_gateway_pb2_grpc.MerchantGatewayStub(channel)  # type: ignore[no-untyped-call]
+
+    async def app_client(self, app: str, gateway: int = 0) -> MerchantClient:
+        """Another app's MerchantClient of a gateway, closed with the rig."""
+        client = self.pki.app_client(self.gateways[gateway].port, app)
+        self._stack.push_async_callback(client.close)
+        return client
 
     async def replica(self) -> RunningGateway:
         """Start another gateway with the first one's settings (same ledger, same PciRelay)."""

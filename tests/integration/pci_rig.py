@@ -57,6 +57,8 @@ from relay.flex.client import FlexClient, new_http_client
 from relay.flex.fields import DEFAULT_FIELDS, FieldSpec
 from relay.flex.models import CaptureContext
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
+from relay.receipts import ReceiptSigner, generate_receipt_key
+from relay.secrets import Secret
 from relay.serving import Served
 from tests.cards_testdata import TEST_CARDS, CardVector, assert_no_test_pans
 from tests.integration.conftest import CONTEXT_TTL, FlexSim, expiry_year, module_flexsim
@@ -345,6 +347,11 @@ class PciRig:
     _request_ids: Iterator[int] = dataclasses.field(default_factory=itertools.count)
 
     @property
+    def receipt_public_key(self) -> bytes:
+        """The worker's receipt public key (PEM), what merchant apps verify receipts with."""
+        return ReceiptSigner(self.config.receipt_key.get_secret_value()).public_pem()
+
+    @property
     def port(self) -> int:
         """The worker's port on 127.0.0.1."""
         return self.served.port
@@ -416,6 +423,7 @@ class MakePciRig(Protocol):
         rate_per_second: float = 1000.0,
         rate_burst: int = 1000,
         stream_concurrency: int = 32,
+        vault_config: VaultConfig | None = None,
     ) -> PciRig:
         """Start it; the fixture stops it after the test."""
         ...
@@ -433,10 +441,13 @@ async def start_pci_rig(  # noqa: PLR0913  the rig's knobs, all keyword-only
     rate_per_second: float = 1000.0,
     rate_burst: int = 1000,
     stream_concurrency: int = 32,
+    vault_config: VaultConfig | None = None,
 ) -> AsyncIterator[PciRig]:
-    """A PciRelay on a freshly seeded SQLite vault, in front of sim; stopped on exit.
+    """A PciRelay on a freshly seeded vault (SQLite unless given one), in front of sim.
 
-    The default rate limit is high on purpose: a test of the rate limit asks for its own.
+    Stopped on exit. Rigs given one vault_config are replicas of one PciRelay: their own
+    processes' worth of state over one database. The default rate limit is high on purpose: a
+    test of the rate limit asks for its own.
     """
     async with contextlib.AsyncExitStack() as stack:
         flex_tap = None
@@ -448,7 +459,8 @@ async def start_pci_rig(  # noqa: PLR0913  the rig's knobs, all keyword-only
             base_url = flex_tap.url
         merchant_config = sim.config(base_url=base_url)
         http = await stack.enter_async_context(new_http_client(merchant_config))
-        vault_config = make_vault_config(f"sqlite:///{directory / 'vault.db'}", directory)
+        if vault_config is None:
+            vault_config = make_vault_config(f"sqlite:///{directory / 'vault.db'}", directory)
         vault = await stack.enter_async_context(await open_vault(vault_config))
         await seed_vault(vault)
         server = (
@@ -460,6 +472,7 @@ async def start_pci_rig(  # noqa: PLR0913  the rig's knobs, all keyword-only
             server=server,
             flex=FlexConfig(base_url=base_url, allowed_origins=allowed_origins),
             vault=vault_config,
+            receipt_key=Secret(write_receipt_key(directory).read_bytes()),
             rate_per_second=rate_per_second,
             rate_burst=rate_burst,
             stream_concurrency=stream_concurrency,
@@ -533,6 +546,15 @@ class Rejection:
         return dict(self.metadata).get("relay-reason", "")
 
 
+def write_receipt_key(directory: Path) -> Path:
+    """A receipt signing key file in directory (mode 0600), made once and then reused."""
+    path = directory / "receipt.key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_bytes(generate_receipt_key())
+    return path
+
+
 def pci_serve_env(
     sim: FlexSim, pki: RigPKI, vault_config: VaultConfig, directory: Path
 ) -> dict[str, str]:
@@ -547,6 +569,7 @@ def pci_serve_env(
         "RELAY_PCI_DRAIN_SECONDS": "2",
         "RELAY_FLEX_BASE_URL": sim.url,
         "RELAY_LOG_LEVEL": "info",
+        "RELAY_PCI_RECEIPT_KEY_FILE": str(write_receipt_key(directory)),
         **pki.server_env(),
         **vault_env(vault_config, directory),
     }

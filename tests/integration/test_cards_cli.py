@@ -8,6 +8,8 @@ each run printed for the test PANs the import files hold.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import getpass
 import json
 import os
 import pty
@@ -241,7 +243,8 @@ def test_a_configuration_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert 2 == result.returncode
     expected = (
         "relay: invalid configuration: RELAY_VAULT_URL or RELAY_VAULT_URL_FILE is required; "
-        "RELAY_VAULT_KEK_FILE is required; RELAY_VAULT_FINGERPRINT_KEY_FILE is required"
+        "RELAY_VAULT_KEK_FILE is required; RELAY_VAULT_FINGERPRINT_KEY_FILE is required; "
+        "RELAY_VAULT_AUDIT_KEY_FILE is required"
     )
     assert [expected] == result.stderr.splitlines()
 
@@ -372,3 +375,165 @@ def test_a_terminal_gets_a_bar_redrawn_in_place(sqlite_vault: Vault) -> None:
     assert frames
     assert re.fullmatch(r"\[##########\]  1,000/1,000 cards  [\d,]+/s", frames[-1]), frames[-1]
     assert (1000, 0, 0, 1000) == summary_counts(stdout)
+
+
+# --- CVV retention ------------------------------------------------------------------------------
+
+
+def test_cards_list_shows_the_cvv_policy_before_the_table(sqlite_vault: Vault) -> None:
+    """The first line of the table output names the policy and max age in force."""
+    sqlite_vault.relay("cards", "import", str(sqlite_vault.write("cards.csv", MIXED_CSV)))
+    default = sqlite_vault.relay("cards", "list")
+    keep_env = sqlite_vault.env | {
+        "RELAY_VAULT_CVV_POLICY": "keep",
+        "RELAY_VAULT_CVV_MAX_AGE": "600",
+    }
+    keep = run_relay(keep_env, "cards", "list")
+    assert [0, 0] == [default.returncode, keep.returncode]
+    first_two = default.stdout.splitlines()[:2]
+    assert "CVV policy: delete-after-use, max age 86400 s" == first_two[0]
+    assert first_two[1].startswith("CARD_REF")
+    assert "CVV policy: keep, max age 600 s" == keep.stdout.splitlines()[0]
+
+
+def test_purge_cvv_deletes_the_expired_cvvs_and_reports_the_count(any_vault: Vault) -> None:
+    """Only the CVV of a card stored longer than the max age ago goes; a re-run finds none."""
+    any_vault.relay("cards", "import", str(any_vault.write("cards.csv", MIXED_CSV)))
+    run_sql(
+        any_vault.config,
+        "UPDATE cards SET created_at = ? WHERE card_ref = ?",
+        ("2020-01-01T00:00:00.000000Z", "good-amex"),
+    )
+    first = any_vault.relay("cards", "purge-cvv")
+    again = any_vault.relay("cards", "purge-cvv")
+    assert (0, "purged 1 CVVs stored 86400 s or more ago\n", "") == (
+        first.returncode,
+        first.stdout,
+        first.stderr,
+    )
+    assert "purged 0 CVVs stored 86400 s or more ago\n" == again.stdout
+    flags = {card["card_ref"]: card["has_security_code"] for card in any_vault.cards()}
+    assert {"good-amex": False, "good-jcb": False, "good-visa": True} == flags
+
+
+# --- the audit chain of admin actions, and its export --------------------------------------------
+
+
+def exported(vault: Vault, *filters: str) -> list[dict[str, object]]:
+    """`relay cards audit export` with filters: the records it wrote, parsed."""
+    result = vault.relay("cards", "--operator", "auditor", "audit", "export", *filters)
+    assert (0, "") == (result.returncode, result.stderr)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def admin_records(records: list[dict[str, object]]) -> list[tuple[object, object, object]]:
+    return [(r["reason"], r["actor"], r["detail"]) for r in records if r["outcome"] == "admin"]
+
+
+def test_every_admin_action_is_exported_with_its_operator(any_vault: Vault) -> None:
+    """import, grant, revoke, rotate-key, list and export each leave a record naming who ran it."""
+    path = any_vault.write("mixed.csv", MIXED_CSV)
+    any_vault.relay("cards", "--operator", "alice", "import", str(path))
+    any_vault.relay("cards", "--operator", "bob", "grant", "good-jcb", "m9")
+    any_vault.relay("cards", "--operator", "bob", "revoke", "good-jcb", "m9")
+    any_vault.relay("cards", "--operator", "alice", "rotate-key")
+    any_vault.relay("cards", "list")
+    first = any_vault.relay("cards", "--operator", "carol", "audit", "export")
+    records = exported(any_vault)
+    assert [
+        ("import", "alice", "created=3 unchanged=0 rejected=6"),
+        ("grant", "bob", "changed=1"),
+        ("revoke", "bob", "changed=1"),
+        ("rotate_key", "alice", "rewrapped=0 version=1"),
+        ("list", getpass.getuser(), "shown=3"),
+        ("export", "carol", "format=jsonl exported=5"),
+    ] == admin_records(records)
+    assert len(first.stdout.splitlines()) == 5
+    assert [("m9", "good-jcb")] * 2 == [
+        (r["merchant_id"], r["card_ref"]) for r in records if r["reason"] in {"grant", "revoke"}
+    ]
+    assert "audit chain ok: 7 records\n" == any_vault.relay("cards", "audit", "verify").stdout
+
+
+def test_an_export_line_holds_every_field_and_its_link(sqlite_vault: Vault) -> None:
+    """Each line is one record: seq, at, every entry field, prev_hash and hash, in seq order."""
+    sqlite_vault.relay("cards", "list")
+    sqlite_vault.relay("cards", "list")
+    first, second = exported(sqlite_vault)
+    keys = {"seq", "at", "prev_hash", "hash", *(f.name for f in dataclasses.fields(AuditEntry))}
+    assert (keys, keys, 1, 2) == (set(first), set(second), first["seq"], second["seq"])
+    assert first["hash"] == second["prev_hash"]
+
+
+async def seed_dated_records(vault: Vault) -> None:
+    """Four records on fixed days of 2025: two merchants, three outcomes."""
+    now = [dt.datetime(2025, 1, 1, tzinfo=dt.UTC)]
+    async with await open_vault(vault.config, clock=lambda: now[0]) as opened:
+        await opened.record_attempt(AuditEntry("m1", "card-1", "r1", "cc1", "tt1", "success", ""))
+        now[0] = now[0].replace(month=2)
+        await opened.record_refusal("PERMISSION_DENIED", "merchant:m2", merchant_id="m2")
+        now[0] = now[0].replace(month=3)
+        await opened.record_attempt(AuditEntry("m1", "card-1", "r2", "cc2", "", "failure", "X"))
+        now[0] = now[0].replace(month=4)
+        await opened.record_attempt(AuditEntry("m2", "card-2", "r3", "cc3", "tt3", "success", ""))
+
+
+@pytest.mark.parametrize(
+    ("filters", "seqs"),
+    [
+        ((), [1, 2, 3, 4]),
+        (("--since", "2025-02-01T00:00:00Z", "--until", "2025-04-01T00:00:00+00:00"), [2, 3]),
+        (("--since", "2025-03-01"), [3, 4]),
+        (("--until", "2025-02-01T01:00:00+02:00"), [1]),
+        (("--merchant", "m1"), [1, 3]),
+        (("--outcome", "refused"), [2]),
+        (("--merchant", "m2", "--outcome", "success"), [4]),
+    ],
+    ids=["none", "range", "since-date", "until-zone", "merchant", "outcome", "both"],
+)
+async def test_export_filters_select_records(
+    sqlite_vault: Vault, filters: tuple[str, ...], seqs: list[int]
+) -> None:
+    """Time range (since inclusive, until exclusive), merchant and outcome filters combine."""
+    await seed_dated_records(sqlite_vault)
+    records = exported(sqlite_vault, *filters)
+    assert seqs == [r["seq"] for r in records]
+    [export] = admin_records(exported(sqlite_vault, "--outcome", "admin"))
+    assert ("export", "auditor") == export[:2]
+    assert str(export[2]).endswith(f"exported={len(seqs)}")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "error"),
+    [
+        ("--since", "last tuesday", "--since must be an ISO 8601 time, e.g. 2026-01-31T00:00:00Z"),
+        ("--until", "2025-13-01", "--until must be an ISO 8601 time, e.g. 2026-01-31T00:00:00Z"),
+        ("--outcome", "deleted", "--outcome must be one of admin, failure, refused, replayed"),
+        ("--merchant", "m 1", "--merchant: "),
+    ],
+    ids=["since", "until", "outcome", "merchant"],
+)  # fmt: skip
+def test_a_bad_export_filter_is_one_line_and_exit_2(
+    sqlite_vault: Vault, flag: str, value: str, error: str
+) -> None:
+    """A filter the export cannot use is one line on stderr, exit 2, and no record written."""
+    result = sqlite_vault.relay("cards", "audit", "export", flag, value)
+    assert (2, "", 1) == (result.returncode, result.stdout, len(result.stderr.splitlines()))
+    assert result.stderr.startswith(f"relay: cards audit export: {error}")
+    assert [] == exported(sqlite_vault)
+
+
+def test_since_after_until_is_refused(sqlite_vault: Vault) -> None:
+    """An empty range is a mistake, not an empty export."""
+    result = sqlite_vault.relay(
+        "cards", "audit", "export", "--since", "2025-02-01", "--until", "2025-01-01"
+    )
+    expected = "relay: cards audit export: --since must be before --until\n"
+    assert (2, expected) == (result.returncode, result.stderr)
+
+
+def test_a_bad_operator_is_refused_before_anything_runs(sqlite_vault: Vault) -> None:
+    """--operator follows the merchant id rules; a bad one is a usage error, exit 2."""
+    result = sqlite_vault.relay("cards", "--operator", "a b", "list")
+    assert 2 == result.returncode
+    assert [] == exported(sqlite_vault)

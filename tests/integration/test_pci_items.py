@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from relay.ratelimit import RateLimiter
 from pci_side.tokenize import Tokenizer, TokenizeRequest
 from pci_side.vault import AuditEntry, CardVault
 from relay.flex.client import FlexClient, new_http_client
 from relay.pb.v1 import pci_relay_pb2
+from relay.ratelimit import Rate
+from relay.receipts import ReceiptSigner
 from tests.integration import pci_rig as rig_fixtures
 from tests.integration.conftest import module_flexsim
 from tests.integration.parties import wait_until
@@ -163,7 +164,12 @@ async def test_a_repeat_reaching_another_replica_gets_the_kept_token(make_pci_ri
     first = await rig.stub().Tokenize(request)
     async with new_http_client(rig.config.flex) as http:
         # A replica of its own: its own Flex client and an empty map of running attempts.
-        replica = Tokenizer(rig.vault, FlexClient(http, rig.config.flex), RateLimiter(100, 100))
+        replica = Tokenizer(
+            rig.vault,
+            FlexClient(http, rig.config.flex),
+            Rate(100, 100),
+            receipts=ReceiptSigner(rig.config.receipt_key.get_secret_value()),
+        )
         again = await replica.tokenize(
             MERCHANT, TokenizeRequest(request.request_id, raw, request.card_ref, repeat=True)
         )

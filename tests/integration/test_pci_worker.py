@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +36,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pci_side.vault import AuditEntry, CardVault, open_vault
 from relay import rpc, tlsgen
+from relay.cards import SecurityCode
 from relay.config import VaultConfig
 from relay.errors import (
     CaptureContextExpired,
@@ -45,6 +47,7 @@ from relay.errors import (
     MissingRequiredField,
     PermissionDenied,
     RateLimited,
+    ReceiptInvalid,
     RelayError,
     Unavailable,
 )
@@ -60,6 +63,7 @@ from relay.flex.models import CaptureContext
 from relay.flexsim import jwt
 from relay.flexsim.keys import new_rsa_key
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
+from relay.receipts import ReceiptSigner, generate_receipt_key, verify_receipt
 from tests.cards_testdata import assert_no_test_pans
 from tests.fakes import compact
 from tests.integration import pci_rig as rig_fixtures
@@ -82,7 +86,7 @@ from tests.integration.pci_rig import (
     pci_serve_env,
     seed_vault,
 )
-from tests.vault_backends import make_vault_config
+from tests.vault_backends import make_vault_config, run_sql
 
 # The rig's fixtures, by name (see pci_rig's docstring).
 pci_pki, pci_flexsim, make_pci_rig, pci_rig = (
@@ -416,7 +420,10 @@ async def test_a_call_without_a_client_cert_fails_unaudited(pci_rig: PciRig):
 
 
 async def test_a_cert_naming_no_usable_merchant_is_permission_denied(pci_rig: PciRig):
-    """A certificate from the right CA whose name is not a merchant id is refused, unaudited."""
+    """A certificate from the right CA whose name is not a merchant id is refused and audited.
+
+    The record names the certificate by its SHA-256, since it names no usable identity.
+    """
     odd = tlsgen.issue_client(pci_rig.pki.ca, "m alpha; drop")
     channel = pci_rig.channel(credentials=pci_rig.pki.credentials(client=odd))
     raw, _ = await pci_rig.context()
@@ -425,7 +432,15 @@ async def test_a_cert_naming_no_usable_merchant_is_permission_denied(pci_rig: Pc
     assert_refused(
         outcome, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED", PermissionDenied
     )
-    assert [] == await pci_rig.vault.audit_entries()
+    actor = "sha256:" + hashlib.sha256(_der(odd.cert_pem)).hexdigest()
+    assert [("refused", "PERMISSION_DENIED", actor)] == [
+        (e.entry.outcome, e.entry.reason, e.entry.actor)
+        for e in await pci_rig.vault.audit_entries()
+    ]
+
+
+def _der(cert_pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
 
 
 async def test_the_merchant_comes_from_the_certificate_not_from_metadata(pci_rig: PciRig):
@@ -852,6 +867,144 @@ async def test_relay_pci_serve_without_tls_files_exits_2_with_one_line(seeded_va
     assert lines[0].startswith("relay: ")
     assert "--insecure-dev" in lines[0]
     assert "Traceback" not in done.stderr
+
+
+# --- 10. release receipts -----------------------------------------------------------------------
+
+
+def expected_receipt(
+    request: pci_relay_pb2.PciTokenizeRequest, ctx: CaptureContext, result: Any
+) -> tuple[str, ...]:
+    """The claims a receipt for this release must carry (all but iat), in Receipt's order."""
+    token = result.token
+    return (
+        MERCHANT, request.app_id, request.request_id, request.card_ref, ctx.jti, token.jti,
+        hashlib.sha256(token.transient_token.encode()).hexdigest(), "relay-pci",
+    )  # fmt: skip
+
+
+def receipt_claims(rig: PciRig, result: Any) -> tuple[str, ...]:
+    """The receipt of result, verified against the rig's public key and bound to its token."""
+    token = result.token
+    receipt = verify_receipt(
+        token.receipt, rig.receipt_public_key, transient_token=token.transient_token
+    )
+    return (
+        receipt.merchant, receipt.app, receipt.request_id, receipt.card_ref, receipt.cc_jti,
+        receipt.tt_jti, receipt.tt_sha256, receipt.iss,
+    )  # fmt: skip
+
+
+async def test_a_released_token_carries_a_receipt_that_verifies_with_the_right_claims(
+    pci_rig: PciRig,
+):
+    """The receipt verifies under the worker's public key and names this very release."""
+    raw, ctx = await pci_rig.context()
+    request = pci_rig.request(VISA.card_ref, raw)
+    request.app_id = "app-receipts"
+    result = await pci_rig.stub().Tokenize(request)
+    assert_token_for(pci_rig, result, ctx, VISA)
+    assert expected_receipt(request, ctx, result) == receipt_claims(pci_rig, result)
+
+
+async def test_a_replay_carries_its_own_receipt_for_the_same_release(pci_rig: PciRig):
+    """The same request again is a replay (audited so) and its receipt verifies too."""
+    raw, ctx = await pci_rig.context()
+    request = pci_rig.request(AMEX.card_ref, raw)
+    stub = pci_rig.stub()
+    first = await stub.Tokenize(request)
+    again = await stub.Tokenize(request)
+    audited = await audit_of(pci_rig.vault, request.request_id, count=3, within=AUDIT_WAIT_SECONDS)
+    assert "replayed" == audited[-1].outcome
+    assert first.token.transient_token == again.token.transient_token
+    claims = expected_receipt(request, ctx, first)
+    assert [claims, claims] == [receipt_claims(pci_rig, first), receipt_claims(pci_rig, again)]
+
+
+async def test_a_receipt_does_not_verify_under_another_key(pci_rig: PciRig):
+    """A merchant holding some other key (not the worker's) refuses the receipt."""
+    raw, _ = await pci_rig.context()
+    result = await pci_rig.stub().Tokenize(pci_rig.request(VISA.card_ref, raw))
+    other = ReceiptSigner(generate_receipt_key()).public_pem()
+    with pytest.raises(ReceiptInvalid):
+        verify_receipt(result.token.receipt, other, transient_token=result.token.transient_token)
+
+
+async def test_relay_pci_serve_without_a_receipt_key_exits_2_naming_it(seeded_vault_env):
+    """Without RELAY_PCI_RECEIPT_KEY_FILE the command refuses to start: exit 2, one line."""
+    env, _ = seeded_vault_env
+    del env["RELAY_PCI_RECEIPT_KEY_FILE"]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        relay_command("pci", "serve"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        check=False,
+    )
+    lines = done.stderr.splitlines()
+    assert (2, "", 1) == (done.returncode, done.stdout, len(lines))
+    assert "RELAY_PCI_RECEIPT_KEY_FILE is required" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+# --- CVV retention ------------------------------------------------------------------------------
+
+
+async def test_a_tokenized_cards_cvv_is_deleted_under_delete_after_use(pci_rig: PciRig):
+    """Once Tokenize answered, the vault holds that card without its CVV; others keep theirs."""
+    before = await pci_rig.vault.load_card(VISA.card_ref, MERCHANT)
+    raw, ctx = await pci_rig.context()
+    result = await pci_rig.stub().Tokenize(pci_rig.request(VISA.card_ref, raw))
+    assert_token_for(pci_rig, result, ctx, VISA)
+    after = await pci_rig.vault.load_card(VISA.card_ref, MERCHANT)
+    other = await pci_rig.vault.load_card(AMEX.card_ref, MERCHANT)
+    assert before.security_code is not None
+    assert (before.pan, before.expiration_month, before.expiration_year, None) == (
+        after.pan,
+        after.expiration_month,
+        after.expiration_year,
+        after.security_code,
+    )
+    assert other.security_code is not None
+
+
+async def test_relay_pci_serve_under_keep_keeps_a_used_cvv_and_sweeps_expired_ones(
+    pci_flexsim: FlexSim, pci_pki: RigPKI, seeded_vault_env
+):
+    """RELAY_VAULT_CVV_POLICY=keep: a used CVV stays; one past the max age goes at start."""
+    env, vault_config = seeded_vault_env
+    expired = next(card for card in NETWORK_CARDS if card.card_ref == "card-discover")
+    run_sql(
+        vault_config,
+        "UPDATE cards SET created_at = ? WHERE card_ref = ?",
+        ("2020-01-01T00:00:00.000000Z", expired.card_ref),
+    )
+    child = Child(relay_command("pci", "serve"), env | {"RELAY_VAULT_CVV_POLICY": "keep"})
+    try:
+        port = (await child.wait_for("pci_listening"))["port"]
+        swept = await child.wait_for("vault_cvv_purged")
+        async with (
+            merchant_flex(pci_flexsim) as flex,
+            grpc.aio.secure_channel(f"127.0.0.1:{port}", pci_pki.credentials()) as channel,
+        ):
+            raw = await flex.create_session()
+            request = pci_relay_pb2.PciTokenizeRequest(
+                request_id="keep-1", capture_context=raw, card_ref=AMEX.card_ref
+            )
+            result = await pci_relay_pb2_grpc.PciRelayStub(channel).Tokenize(request)
+    finally:
+        code = child.stop()
+    assert_no_test_pans(child.output, "relay pci serve output")
+    assert (0, "token", 1) == (code, result.WhichOneof("outcome"), swept["purged"])
+    async with await open_vault(vault_config) as vault:
+        used = await vault.load_card(AMEX.card_ref, MERCHANT)
+        aged = await vault.load_card(expired.card_ref, MERCHANT)
+    assert (SecurityCode(AMEX.security_code or ""), None) == (
+        used.security_code,
+        aged.security_code,
+    )
 
 
 # --- 2. one stream, 200 requests ---------------------------------------------------------------

@@ -1,14 +1,17 @@
 """A server that cannot serve as configured says why and exits 2, before it takes any traffic.
 
 Real `relay pci serve` processes on loopback: a port already in use (by another relay or by any
-listener) and a TLS key that does not belong to its certificate. The key-pair checks in
-relay.tlsfiles are also tested directly, and so is grpc's own refusal now that SO_REUSEPORT is
-off (without that, a second server on the same port would start and share the traffic).
+listener), a TLS key that does not belong to its certificate, a KEK file that lacks a version
+the vault uses or holds another key under it, and key files other users may read. The key-pair
+checks in relay.tlsfiles are also tested directly, and so is grpc's own refusal now that
+SO_REUSEPORT is off (without that, a second server on the same port would start and share the
+traffic).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sys
 from pathlib import Path
@@ -17,12 +20,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from pci_side.vault import open_vault
 from relay import tlsgen
+from relay.config import VaultSettings
 from relay.errors import ConfigError
 from relay.procs import Child
 from relay.serving import bind_problem, new_server
 from relay.tlsfiles import check_ca_bundle, check_key_pair
-from tests.vault_backends import make_vault_config, vault_env
+from tests.integration.pci_rig import write_receipt_key
+from tests.vault_backends import generated_cards, make_vault_config, vault_env
 
 EXIT_TIMEOUT = 30.0
 """A generous bound on a refusing process's exit; it normally takes well under a second."""
@@ -54,6 +60,7 @@ def pci_env(pki: tuple[tlsgen.Issued, tlsgen.Issued], tmp_path: Path) -> dict[st
         "RELAY_PCI_TLS_CERT_FILE": str(cert_file),
         "RELAY_PCI_TLS_KEY_FILE": str(key_file),
         "RELAY_PCI_CLIENT_CA_FILE": str(ca_file),
+        "RELAY_PCI_RECEIPT_KEY_FILE": str(write_receipt_key(tmp_path)),
         "RELAY_FLEX_BASE_URL": UNUSED_FLEX_URL,
         **vault_env(vault, tmp_path),
     }
@@ -178,9 +185,66 @@ async def test_a_tls_key_that_is_not_pem_exits_2_naming_the_file(
     """A key file holding no PEM key is named as such, not reported as a port problem."""
     junk = tmp_path / "junk.key"
     junk.write_text("not a key\n", encoding="utf-8")
+    junk.chmod(0o600)
     code, lines = await run_to_exit(pci_env | {"RELAY_PCI_TLS_KEY_FILE": str(junk)}, "pci", "serve")
     assert refused_with(
         "the TLS key RELAY_PCI_TLS_KEY_FILE (junk.key) is not a PEM private key"
+    ) == refusal(code, lines)
+
+
+# --- the KEK file and secret file modes ------------------------------------------------------
+
+
+async def seed_and_replace_keyring(env: dict[str, str], lines: str) -> Path:
+    """Import a card under the env's keyring (version 1), then replace the file with lines."""
+    async with await open_vault(VaultSettings.from_env(env).vault) as vault:
+        await vault.import_cards(generated_cards(1, merchants=("m1",)))
+    path = Path(env["RELAY_VAULT_KEK_FILE"])
+    path.write_text(lines, encoding="ascii")
+    path.chmod(0o600)
+    return path
+
+
+def new_key_line(version: int) -> str:
+    return f"{version}:{base64.b64encode(os.urandom(32)).decode()}\n"
+
+
+@pytest.mark.parametrize("args", [("pci", "serve"), ("cards", "list")], ids=["serve", "cards"])
+async def test_a_kek_file_without_a_version_in_use_exits_2_naming_version_and_file(
+    pci_env: dict[str, str], args: tuple[str, ...]
+) -> None:
+    """Cards under version 1, a keyring holding only 2: exit 2, the version, the file, no trace."""
+    path = await seed_and_replace_keyring(pci_env, new_key_line(2))
+    code, lines = await run_to_exit(pci_env, *args)
+    assert refused_with(
+        f"RELAY_VAULT_KEK_FILE ({path}) has no version 1, which the vault's cards are sealed "
+        "under: restore it"
+    ) == refusal(code, lines)
+    assert [] == [line for line in lines if "Traceback" in line]
+
+
+async def test_a_wrong_key_under_a_version_in_use_exits_2_and_never_says_tampering(
+    pci_env: dict[str, str],
+) -> None:
+    """Another key under version 1: exit 2 with the wrong-key message."""
+    path = await seed_and_replace_keyring(pci_env, new_key_line(1))
+    code, lines = await run_to_exit(pci_env, "pci", "serve")
+    assert refused_with(
+        f"the key for version 1 in RELAY_VAULT_KEK_FILE ({path}) is not the key the vault was "
+        "sealed with"
+    ) == refusal(code, lines)
+
+
+@pytest.mark.parametrize("variable", ["RELAY_VAULT_KEK_FILE", "RELAY_PCI_TLS_KEY_FILE"])
+async def test_a_key_file_others_may_read_exits_2_saying_chmod_600(
+    pci_env: dict[str, str], variable: str
+) -> None:
+    """A 0644 KEK file or TLS key: exit 2 naming the setting and the path, and how to fix it."""
+    path = pci_env[variable]
+    Path(path).chmod(0o644)
+    code, lines = await run_to_exit(pci_env, "pci", "serve")
+    assert refused_with(
+        f"{variable} ({path}) may be read or written by other users (mode 0644): chmod 600 {path}"
     ) == refusal(code, lines)
 
 

@@ -6,6 +6,8 @@ import base64
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.config import (
     FlexConfig,
@@ -16,6 +18,7 @@ from relay.config import (
     origin_of,
 )
 from relay.errors import ConfigError
+from relay.receipts import ReceiptSigner, generate_receipt_key
 from relay.secrets import Secret
 
 RAW_SECRET = b"shared-secret-bytes-for-config-tests-0123456789"
@@ -27,6 +30,7 @@ def secret_file(tmp_path: Path) -> Path:
     """A shared-secret file as a Kubernetes secret mount would hold it (with a newline)."""
     path = tmp_path / "shared-secret"
     path.write_text(B64_SECRET + "\n", encoding="utf-8")
+    path.chmod(0o600)
     return path
 
 
@@ -143,6 +147,7 @@ def test_a_bad_secret_file_is_named_without_its_value(tmp_path: Path, text: str)
     """A secret file that is not base64 is named in the error; its content is never shown."""
     path = tmp_path / "shared-secret"
     path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
     error = config_error(credentials_env(path))
     expected = ["RELAY_FLEX_SHARED_SECRET_FILE does not hold a base64 shared secret"]
     assert expected == error.problems
@@ -239,12 +244,93 @@ def _pci_env(tmp_path, **extra: str) -> dict[str, str]:
     kek.write_text("1:" + base64.b64encode(b"k" * 32).decode())
     fingerprint = tmp_path / "fp"
     fingerprint.write_text(base64.b64encode(b"f" * 32).decode())
+    kek.chmod(0o600)
+    fingerprint.chmod(0o600)
+    audit = tmp_path / "audit.key"
+    audit.touch(mode=0o600)
+    audit.write_bytes(b"\x00a\n" * 11)
+    receipt_key = tmp_path / "receipt.key"
+    if not receipt_key.exists():
+        receipt_key.touch(mode=0o600)
+        receipt_key.write_bytes(generate_receipt_key())
     return {
         "RELAY_VAULT_URL": f"sqlite:///{tmp_path}/v.db",
         "RELAY_VAULT_KEK_FILE": str(kek),
         "RELAY_VAULT_FINGERPRINT_KEY_FILE": str(fingerprint),
+        "RELAY_VAULT_AUDIT_KEY_FILE": str(audit),
+        "RELAY_PCI_RECEIPT_KEY_FILE": str(receipt_key),
         **extra,
     }
+
+
+def test_the_receipt_key_is_read_from_its_file(tmp_path):
+    """RELAY_PCI_RECEIPT_KEY_FILE's PEM becomes the worker's receipt key, held as a Secret."""
+    env = _pci_env(tmp_path)
+    settings = PciSettings.from_env(env, insecure_dev=True)
+    key = settings.pci.receipt_key
+    expected = Path(env["RELAY_PCI_RECEIPT_KEY_FILE"]).read_bytes()
+    assert (expected, "Secret(**********)") == (key.get_secret_value(), repr(key))
+
+
+def _rsa_pem() -> bytes:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "RELAY_PCI_RECEIPT_KEY_FILE is required"),
+        (b"not a key", "RELAY_PCI_RECEIPT_KEY_FILE does not hold an Ed25519 private key in PEM"),
+        (_rsa_pem, "RELAY_PCI_RECEIPT_KEY_FILE does not hold an Ed25519 private key in PEM"),
+        (
+            lambda: ReceiptSigner(generate_receipt_key()).public_pem(),
+            "RELAY_PCI_RECEIPT_KEY_FILE does not hold an Ed25519 private key in PEM",
+        ),
+    ],
+    ids=["missing", "junk", "rsa", "public-only"],
+)
+def test_a_missing_or_wrong_receipt_key_is_refused(tmp_path, content, problem):
+    """No receipt key, or one that is not an Ed25519 private key, is a problem naming it."""
+    env = _pci_env(tmp_path)
+    if content is None:
+        del env["RELAY_PCI_RECEIPT_KEY_FILE"]
+    else:
+        data = content() if callable(content) else content
+        Path(env["RELAY_PCI_RECEIPT_KEY_FILE"]).write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        PciSettings.from_env(env, insecure_dev=True)
+    named = [found for found in info.value.problems if "RELAY_PCI_RECEIPT_KEY_FILE" in found]
+    assert [True] == [problem in found for found in named]
+
+
+def test_the_audit_key_is_read_as_raw_bytes(tmp_path):
+    """RELAY_VAULT_AUDIT_KEY_FILE is taken byte for byte: no decoding, no stripping."""
+    settings = PciSettings.from_env(_pci_env(tmp_path), insecure_dev=True)
+    assert b"\x00a\n" * 11 == settings.pci.vault.audit_key.get_secret_value()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "RELAY_VAULT_AUDIT_KEY_FILE is required"),
+        (b"k" * 31, "RELAY_VAULT_AUDIT_KEY_FILE must hold at least 32 bytes"),
+    ],
+    ids=["missing", "short"],
+)
+def test_a_missing_or_short_audit_key_is_refused(tmp_path, content, problem):
+    """No audit key, or one under 32 bytes, is a ConfigError naming the setting."""
+    env = _pci_env(tmp_path)
+    if content is None:
+        del env["RELAY_VAULT_AUDIT_KEY_FILE"]
+    else:
+        Path(env["RELAY_VAULT_AUDIT_KEY_FILE"]).write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        PciSettings.from_env(env, insecure_dev=True)
+    assert [problem] == info.value.problems
 
 
 def test_health_port_is_optional_and_must_differ_from_the_main_port(tmp_path):
@@ -265,6 +351,7 @@ def _merchant_env(tmp_path: Path, secret_file: Path, **extra: str) -> dict[str, 
     """A complete merchant-side env with mutual TLS (placeholder PEM files), plus extra."""
     pem = tmp_path / "placeholder.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\n", encoding="ascii")
+    pem.chmod(0o600)  # it stands in for the TLS keys too
     names = [
         "RELAY_MERCHANT_TLS_CERT_FILE",
         "RELAY_MERCHANT_TLS_KEY_FILE",

@@ -41,6 +41,7 @@ EXPECTED: dict[str, tuple[grpc.StatusCode, str, bool, bool]] = {
     "FlexUnavailable": (S.UNAVAILABLE, "FLEX_UNAVAILABLE", True, True),
     "FlexResponseInvalid": (S.UNAVAILABLE, "FLEX_RESPONSE_INVALID", True, False),
     "PublicKeyNotFound": (S.INVALID_ARGUMENT, "PUBLIC_KEY_NOT_FOUND", True, False),
+    "ReceiptInvalid": (S.INVALID_ARGUMENT, "RECEIPT_INVALID", True, False),
     "ConfigError": (S.INTERNAL, "CONFIG_ERROR", False, False),
 }
 

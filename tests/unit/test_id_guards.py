@@ -6,6 +6,7 @@ import pytest
 
 from merchant_side.gateway import Gateway, TokenRequest
 from pci_side.tokenize import Tokenizer, TokenizeRequest
+from pci_side.vault import CardVault
 from relay.config import ServerConfig
 from relay.errors import ConfigError, InvalidRequest
 from relay.ids import holds_card_number
@@ -85,11 +86,19 @@ def test_ordinary_ids_are_not_card_numbers(text: str) -> None:
     [(f"order-{VISA}", "card-1"), ("order-1", VISA)],
     ids=["in_request_id", "as_card_ref"],
 )
-async def test_pci_side_refuses_ids_holding_a_card_number(request_id: str, card_ref: str) -> None:
-    """PciRelay refuses the request before touching the vault or Flex (both absent here)."""
-    tokenizer = Tokenizer(None, None, None)  # type: ignore[arg-type]
+async def test_pci_side_refuses_ids_holding_a_card_number(
+    request_id: str, card_ref: str, vault: CardVault
+) -> None:
+    """PciRelay refuses the request before Flex (absent here); its record holds no such id."""
+    tokenizer = Tokenizer(vault, None, None, receipts=None)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="must not contain a card number"):
         await tokenizer.tokenize("m1", TokenizeRequest(request_id, "cc", card_ref))
+    [stored] = await vault.audit_entries(limit=1)
+    entry = stored.entry
+    assert ("failure", "INVALID_REQUEST") == (entry.outcome, entry.reason)
+    # The id holding the number is recorded as "", the other as it was.
+    expected = tuple("" if holds_card_number(v) else v for v in (request_id, card_ref))
+    assert expected == (entry.request_id, entry.card_ref)
 
 
 @pytest.mark.parametrize(
@@ -102,16 +111,17 @@ async def test_merchant_side_refuses_ids_holding_a_card_number(
 ) -> None:
     """The gateway refuses the request before touching the ledger or Flex (both absent here)."""
     gateway = Gateway(None, None, None)  # type: ignore[arg-type]
+    request = TokenRequest(request_id, card_ref, app_id="a")
     with pytest.raises(InvalidRequest, match="must not contain a card number"):
-        await gateway.request_token(TokenRequest(request_id, card_ref), None, deadline=1)  # type: ignore[arg-type]
+        await gateway.request_token(request, None, deadline=1)  # type: ignore[arg-type]
 
 
-async def test_both_sides_name_the_request_of_a_malformed_card_ref() -> None:
+async def test_both_sides_name_the_request_of_a_malformed_card_ref(vault: CardVault) -> None:
     """A bad card_ref is reported with its (good) request_id, the same way on both sides."""
     gateway = Gateway(None, None, None)  # type: ignore[arg-type]
-    tokenizer = Tokenizer(None, None, None)  # type: ignore[arg-type]
+    tokenizer = Tokenizer(vault, None, None, receipts=None)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest) as merchant:
-        await gateway.request_token(TokenRequest("order-1", "card 1"), None, deadline=1)  # type: ignore[arg-type]
+        await gateway.request_token(TokenRequest("order-1", "card 1", app_id="a"), None, deadline=1)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest) as pci:
         await tokenizer.tokenize("m1", TokenizeRequest("order-1", "cc", "card 1"))
     expected = (

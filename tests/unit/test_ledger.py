@@ -11,7 +11,10 @@ again (a restart), another replica on PostgreSQL. Time moves with the injected c
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import io
+import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,6 +34,7 @@ from merchant_side.ledger import (
 from merchant_side.ledger.memory import PURGE_EVERY
 from merchant_side.ledger.model import NOTED_ATTEMPT_KEEP_SECONDS
 from merchant_side.ledger.postgres import MIGRATIONS
+from merchant_side.ledger.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from relay.errors import ConfigError, InvalidRequest, Unavailable
 from relay.secrets import Secret
 from tests.vault_backends import (  # noqa: F401 - pytest finds fixtures by name
@@ -41,6 +45,9 @@ from tests.vault_backends import (  # noqa: F401 - pytest finds fixtures by name
 
 LEASE = 10.0
 WAIT = 5.0
+APP = "app-1"
+"""The app whose requests most tests make; OTHER_APP's are separate requests."""
+OTHER_APP = "app-2"
 TOKEN = "eyJraWQiOiJ0ZXN0In0.eyJqdGkiOiJ0dC0xIn0.c2lnbmF0dXJl"  # a fake TT: a JWT in shape only
 CC_1 = "eyJraWQiOiJjYyJ9.eyJqdGkiOiJjYy0xIn0.c2lnbmF0dXJlLTE"  # fake capture contexts
 CC_2 = "eyJraWQiOiJjYyJ9.eyJqdGkiOiJjYy0yIn0.c2lnbmF0dXJlLTI"
@@ -135,15 +142,17 @@ def successor(ledger_url: str, open_ledgers: OpenLedgers) -> Successor:
     return take_over_from
 
 
-def make_record(
+def make_record(  # noqa: PLR0913  a record's knobs, all defaulted
     clock: FakeClock,
     request_id: str = "req-1",
     card_ref: str = "card-1",
     *,
     ttl: int = 900,
     jti: str = "tt-1",
+    app: str = APP,
 ) -> TokenRecord:
     return TokenRecord(
+        app_id=app,
         request_id=request_id,
         card_ref=card_ref,
         transient_token=TOKEN,
@@ -155,15 +164,16 @@ def make_record(
     )
 
 
-async def claim(
+async def claim(  # noqa: PLR0913  a claim's knobs, all defaulted
     ledger: Ledger,
     request_id: str = "req-1",
     card_ref: str = "card-1",
     *,
     lease: float = LEASE,
     wait: float = WAIT,
+    app: str = APP,
 ) -> Claim:
-    return await ledger.claim(request_id, card_ref, lease_seconds=lease, wait_seconds=wait)
+    return await ledger.claim(app, request_id, card_ref, lease_seconds=lease, wait_seconds=wait)
 
 
 async def tokenize_once(ledger: Ledger, record: TokenRecord, work: float = 0.1) -> Claim | str:
@@ -185,17 +195,17 @@ async def test_claim_complete_replay_and_expiry(ledger: Ledger, clock: FakeClock
     record = make_record(clock)
     await ledger.complete(record)
     assert Claim(record) == await claim(ledger)
-    assert record == await ledger.get("req-1")
+    assert record == await ledger.get(APP, "req-1")
     clock.advance(900)
-    assert await ledger.get("req-1") is None
+    assert await ledger.get(APP, "req-1") is None
     assert Claim(None) == await claim(ledger)
 
 
 async def test_get_of_an_unknown_or_pending_id_is_none(ledger: Ledger) -> None:
     """Only a completed, live record is returned."""
-    assert await ledger.get("nobody") is None
+    assert await ledger.get(APP, "nobody") is None
     await claim(ledger)
-    assert await ledger.get("req-1") is None
+    assert await ledger.get(APP, "req-1") is None
 
 
 @pytest.mark.parametrize("completed", [False, True], ids=["pending", "done"])
@@ -228,7 +238,7 @@ async def test_complete_keeps_the_first_live_record(ledger: Ledger, clock: FakeC
     first = make_record(clock)
     await ledger.complete(first)
     await ledger.complete(make_record(clock, jti="tt-2"))
-    assert first == await ledger.get("req-1")
+    assert first == await ledger.get(APP, "req-1")
 
 
 async def test_request_id_length_is_checked(ledger: Ledger) -> None:
@@ -273,7 +283,7 @@ async def test_concurrent_takeover_of_an_expired_record_has_one_winner(
     fresh = make_record(clock, jti="tt-2")
     results = await asyncio.gather(*(tokenize_once(ledger, fresh) for _ in range(20)))
     assert 1 == results.count("tokenized")
-    assert fresh == await ledger.get("req-1")
+    assert fresh == await ledger.get(APP, "req-1")
 
 
 async def test_concurrent_takeover_across_replicas_has_one_winner(
@@ -305,7 +315,7 @@ async def test_abandon_lets_a_waiter_take_over_promptly(ledger: Ledger) -> None:
     await asyncio.sleep(0.1)
     assert not waiter.done()
     abandoned_at = time.monotonic()
-    await ledger.abandon("req-1")
+    await ledger.abandon(APP, "req-1")
     assert Claim(None) == await waiter
     assert time.monotonic() - abandoned_at < 0.3
 
@@ -317,7 +327,7 @@ async def test_abandon_wakes_a_waiter_on_another_replica(open_replicas: OpenLedg
     waiter = asyncio.create_task(claim(other))
     await asyncio.sleep(0.1)
     abandoned_at = time.monotonic()
-    await holder.abandon("req-1")
+    await holder.abandon(APP, "req-1")
     assert Claim(None) == await waiter
     assert time.monotonic() - abandoned_at < 0.3
 
@@ -326,7 +336,7 @@ async def test_abandon_ends_only_this_replicas_lease(open_replicas: OpenLedgers)
     """A replica cannot end a lease another replica holds (it may have taken it over)."""
     holder, other = await open_replicas(), await open_replicas()
     await claim(holder)
-    await other.abandon("req-1")
+    await other.abandon(APP, "req-1")
     with pytest.raises(Unavailable):
         await claim(other, wait=0.1)
 
@@ -369,8 +379,8 @@ async def test_a_takeover_is_told_the_attempt_the_lapsed_holder_noted(
 ) -> None:
     """The last capture context noted on a lapsed lease comes back with the claim that takes it."""
     await claim(ledger)
-    assert await ledger.note_attempt("req-1", CC_1)
-    assert await ledger.note_attempt("req-1", CC_2)
+    assert await ledger.note_attempt(APP, "req-1", CC_1)
+    assert await ledger.note_attempt(APP, "req-1", CC_2)
     clock.advance(LEASE + 1)
     assert Claim(None, CC_2) == await claim(await successor(ledger))
 
@@ -387,7 +397,7 @@ async def test_a_noted_attempt_outlives_takeovers_that_note_nothing(
     clock.advance(LEASE + 1)
     other = await successor(ledger)
     assert Claim(None) == await claim(other)
-    assert await other.note_attempt("req-1", CC_1)
+    assert await other.note_attempt(APP, "req-1", CC_1)
     clock.advance(LEASE + 1)
     third = await successor(other)
     assert Claim(None, CC_1) == await claim(third)
@@ -400,7 +410,7 @@ async def test_a_takeover_for_another_card_inherits_no_attempt(
 ) -> None:
     """A lapsed claim taken over for another card_ref is another request: no attempt to ask."""
     await claim(ledger)
-    assert await ledger.note_attempt("req-1", CC_1)
+    assert await ledger.note_attempt(APP, "req-1", CC_1)
     clock.advance(LEASE + 1)
     assert Claim(None) == await claim(await successor(ledger), card_ref="card-2")
 
@@ -408,7 +418,7 @@ async def test_a_takeover_for_another_card_inherits_no_attempt(
 async def test_an_expired_record_takes_no_attempt_along(ledger: Ledger, clock: FakeClock) -> None:
     """complete forgets the attempt: the takeover of an expired record has no previous attempt."""
     await claim(ledger)
-    assert await ledger.note_attempt("req-1", CC_1)
+    assert await ledger.note_attempt(APP, "req-1", CC_1)
     await ledger.complete(make_record(clock, ttl=60))
     clock.advance(61)
     assert Claim(None) == await claim(ledger)
@@ -420,7 +430,7 @@ async def test_renew_keeps_a_lease_from_lapsing(
     """A renewed lease outlives its first lease_seconds, and lapses lease_seconds after renew."""
     await claim(ledger)
     clock.advance(LEASE - 2)
-    assert await ledger.renew("req-1", LEASE)
+    assert await ledger.renew(APP, "req-1", LEASE)
     clock.advance(LEASE - 2)
     other = await successor(ledger)
     with pytest.raises(Unavailable):
@@ -435,8 +445,8 @@ async def test_a_lapsed_lease_nobody_took_over_is_still_held(
     """Until a claim takes it over, the holder of a lapsed lease may renew it and note on it."""
     await claim(ledger)
     clock.advance(LEASE + 1)
-    assert await ledger.note_attempt("req-1", CC_1)
-    assert await ledger.renew("req-1", LEASE)
+    assert await ledger.note_attempt(APP, "req-1", CC_1)
+    assert await ledger.renew(APP, "req-1", LEASE)
     with pytest.raises(Unavailable):
         await claim(ledger, wait=0)
 
@@ -450,14 +460,15 @@ async def test_renew_and_note_attempt_need_a_pending_lease(
     await ledger.complete(make_record(clock))
     assert (False, False) == await _renew_and_note(ledger, "req-1")
     await claim(ledger, "req-2")
-    await ledger.abandon("req-2")
+    await ledger.abandon(APP, "req-2")
     assert (False, False) == await _renew_and_note(ledger, "req-2")
     await claim(ledger, "req-3")
     assert (True, True) == await _renew_and_note(ledger, "req-3")
 
 
-async def _renew_and_note(ledger: Ledger, request_id: str) -> tuple[bool, bool]:
-    return await ledger.renew(request_id, LEASE), await ledger.note_attempt(request_id, CC_1)
+async def _renew_and_note(ledger: Ledger, request_id: str, *, app: str = APP) -> tuple[bool, bool]:
+    renewed = await ledger.renew(app, request_id, LEASE)
+    return renewed, await ledger.note_attempt(app, request_id, CC_1)
 
 
 async def test_a_replica_that_lost_its_lease_can_neither_renew_nor_note(
@@ -466,11 +477,11 @@ async def test_a_replica_that_lost_its_lease_can_neither_renew_nor_note(
     """Once another replica took the lapsed lease over, the old holder's calls change nothing."""
     holder, other = await open_replicas(), await open_replicas()
     await claim(holder)
-    assert await holder.note_attempt("req-1", CC_1)
+    assert await holder.note_attempt(APP, "req-1", CC_1)
     clock.advance(LEASE + 1)
     assert Claim(None, CC_1) == await claim(other)
     assert (False, False) == await _renew_and_note(holder, "req-1")
-    await holder.abandon("req-1")
+    await holder.abandon(APP, "req-1")
     assert (True, True) == await _renew_and_note(other, "req-1")
     clock.advance(LEASE - 1)
     with pytest.raises(Unavailable):
@@ -488,7 +499,7 @@ async def test_a_holder_that_lost_its_lease_still_records_its_token(
     late = make_record(clock)
     await holder.complete(late)
     await other.complete(make_record(clock, jti="tt-2"))
-    assert late == await other.get("req-1")
+    assert late == await other.get(APP, "req-1")
     assert (False, False) == await _renew_and_note(other, "req-1")
 
 
@@ -498,7 +509,7 @@ async def test_a_note_committed_while_a_takeover_waits_is_what_it_reports(
     """The takeover reads the attempt from the row it locked, not from its older snapshot."""
     holder, other = await open_replicas(), await open_replicas()
     await claim(holder)
-    assert await holder.note_attempt("req-1", CC_1)
+    assert await holder.note_attempt(APP, "req-1", CC_1)
     clock.advance(LEASE + 1)
     async with await psycopg.AsyncConnection.connect(postgres_ledger_url) as conn:
         # A note_attempt in flight: it holds the row until it commits.
@@ -522,6 +533,61 @@ async def _until_a_statement_waits_for_a_lock(url: str) -> None:
                 await asyncio.sleep(0.01)
 
 
+# --- Apps: (app_id, request_id) is the key -----------------------------------------------------
+
+
+async def test_the_same_request_id_in_two_apps_is_two_requests(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    """Each app claims, completes and replays its own request, with its own token."""
+    assert Claim(None) == await claim(ledger)
+    assert Claim(None) == await claim(ledger, app=OTHER_APP, wait=0)
+    mine = make_record(clock)
+    theirs = make_record(clock, jti="tt-2", app=OTHER_APP)
+    await ledger.complete(mine)
+    await ledger.complete(theirs)
+    assert Claim(mine) == await claim(ledger)
+    assert Claim(theirs) == await claim(ledger, app=OTHER_APP)
+    assert mine == await ledger.get(APP, "req-1")
+    assert theirs == await ledger.get(OTHER_APP, "req-1")
+
+
+async def test_an_app_never_sees_another_apps_entries(ledger: Ledger, clock: FakeClock) -> None:
+    """Another app's request_id is unknown to an app, for every operation."""
+    await claim(ledger)
+    assert await ledger.note_attempt(APP, "req-1", CC_1)
+    assert (False, False) == await _renew_and_note(ledger, "req-1", app=OTHER_APP)
+    await ledger.abandon(OTHER_APP, "req-1")
+    await ledger.complete(make_record(clock))
+    assert await ledger.get(OTHER_APP, "req-1") is None
+    # Another card_ref is no conflict either: it is another app's request.
+    assert Claim(None) == await claim(ledger, card_ref="card-2", app=OTHER_APP, wait=0)
+    assert make_record(clock) == await ledger.get(APP, "req-1")
+
+
+async def test_a_takeover_inherits_only_its_own_apps_attempt(
+    ledger: Ledger, successor: Successor, clock: FakeClock
+) -> None:
+    """A noted attempt stays with its app's request: another app's takeover is a new request."""
+    await claim(ledger, lease=1)
+    assert await ledger.note_attempt(APP, "req-1", CC_1)
+    clock.advance(2)
+    after = await successor(ledger)
+    assert Claim(None) == await claim(after, app=OTHER_APP)
+    assert Claim(None, CC_1) == await claim(after)
+
+
+async def test_the_receipt_is_stored_with_the_record(ledger: Ledger, clock: FakeClock) -> None:
+    """The PCI side's receipt comes back with the record, from claim and from get."""
+    await claim(ledger)
+    record = dataclasses.replace(make_record(clock), receipt="eyJhbGciOiJFZERTQSJ9.e30.c2ln")
+    await ledger.complete(record)
+    assert Claim(record) == await claim(ledger)
+    got = await ledger.get(APP, "req-1")
+    assert got is not None
+    assert record.receipt == got.receipt
+
+
 # --- SQLite: one process's durable file --------------------------------------------------------
 
 
@@ -536,7 +602,7 @@ async def test_a_restart_keeps_every_recorded_token(
     await before.close()
     after = await open_sqlite()
     assert Claim(record) == await claim(after)
-    assert record == await after.get("req-1")
+    assert record == await after.get(APP, "req-1")
 
 
 async def test_a_reopened_sqlite_ledger_does_not_hold_the_old_leases(
@@ -548,7 +614,7 @@ async def test_a_reopened_sqlite_ledger_does_not_hold_the_old_leases(
     await before.close()
     after = await open_sqlite()
     assert (False, False) == await _renew_and_note(after, "req-1")
-    await after.abandon("req-1")
+    await after.abandon(APP, "req-1")
     with pytest.raises(Unavailable):
         await claim(after, wait=0)
     clock.advance(LEASE + 1)
@@ -599,7 +665,46 @@ async def test_a_closed_sqlite_ledger_is_unavailable(open_sqlite: OpenLedgers) -
     with pytest.raises(Unavailable):
         await waiter
     with pytest.raises(Unavailable):
-        await ledger.get("req-1")
+        await ledger.get(APP, "req-1")
+
+
+async def test_a_version_1_sqlite_file_is_upgraded_with_its_rows_unreachable(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Rows written before apps were named go to app '': no app reaches them, none is lost."""
+    path = tmp_path / "ledger.db"
+    record = make_record(clock)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE token_ledger_schema (version INTEGER PRIMARY KEY, "
+            "applied_at TEXT NOT NULL) STRICT"
+        )
+        for statement in SQLITE_MIGRATIONS[0][1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO token_ledger_schema VALUES (1, '2026-01-01T00:00:00+00:00')")
+        conn.execute(
+            "INSERT INTO token_ledger (request_id, card_ref, state, transient_token, jti, "
+            "expires_at, masked_pan, bin, card_type) VALUES (?, ?, 'done', ?, ?, ?, ?, ?, ?)",
+            (record.request_id, record.card_ref, TOKEN, record.jti, record.expires_at,
+             record.masked_pan, record.bin, record.card_type),
+        )  # fmt: skip
+        conn.execute(
+            "INSERT INTO token_ledger (request_id, card_ref, state, lease_owner, lease_until, "
+            "attempt_cc) VALUES ('req-2', 'card-1', 'pending', 'gone', ?, ?)",
+            (clock() - 1, CC_1),
+        )
+    ledger = await open_ledger(Secret(f"sqlite:///{path}"), clock=clock)
+    try:
+        assert await ledger.get(APP, "req-1") is None
+        assert Claim(None) == await claim(ledger)
+        assert Claim(None) == await claim(ledger, "req-2")
+    finally:
+        await ledger.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        versions = conn.execute("SELECT version FROM token_ledger_schema ORDER BY version")
+        assert [(version,) for version, _ in SQLITE_MIGRATIONS] == versions.fetchall()
+        rows = conn.execute("SELECT app_id, request_id, jti, attempt_cc FROM token_ledger")
+        assert {("", "req-1", record.jti, None), ("", "req-2", None, CC_1)} <= set(rows)
 
 
 # --- Purging and secrecy -----------------------------------------------------------------------
@@ -617,7 +722,7 @@ async def test_purge_expired_removes_expired_records_and_lapsed_leases(
     clock.advance(120)
     assert 2 == await ledger.purge_expired()
     assert 0 == await ledger.purge_expired()
-    assert await ledger.get("new") is not None
+    assert await ledger.get(APP, "new") is not None
     with pytest.raises(Unavailable):
         await claim(ledger, "held", wait=0)
 
@@ -627,7 +732,7 @@ async def test_purge_keeps_a_lapsed_claim_with_a_noted_attempt_for_a_while(
 ) -> None:
     """A claim whose attempt's outcome is unknown survives purges until its token would be dead."""
     await claim(ledger, "noted", lease=30)
-    assert await ledger.note_attempt("noted", CC_1)
+    assert await ledger.note_attempt(APP, "noted", CC_1)
     clock.advance(60)
     assert 0 == await ledger.purge_expired()
     clock.advance(NOTED_ATTEMPT_KEEP_SECONDS - 60)
@@ -697,13 +802,17 @@ async def test_concurrent_opens_migrate_once(postgres_ledger_url: str) -> None:
         await ledger.close()
     async with await psycopg.AsyncConnection.connect(postgres_ledger_url) as conn:
         cursor = await conn.execute("SELECT version FROM token_ledger_schema ORDER BY version")
-        assert [(1,), (2,)] == await cursor.fetchall()
+        assert [(version,) for version, _ in MIGRATIONS] == await cursor.fetchall()
 
 
 async def test_a_version_1_table_is_upgraded_with_its_rows(
     postgres_ledger_url: str, clock: FakeClock
 ) -> None:
-    """A ledger written before attempts were noted keeps its records and gains the column."""
+    """A ledger written before attempts were noted or apps named keeps its rows, unreachable.
+
+    Its rows belong to app '', which no app can be: the same request_id is a new request for
+    every app, and the old row stays in the table until it expires.
+    """
     record = make_record(clock)
     async with await psycopg.AsyncConnection.connect(postgres_ledger_url, autocommit=True) as conn:
         await conn.execute(
@@ -722,11 +831,14 @@ async def test_a_version_1_table_is_upgraded_with_its_rows(
         )  # fmt: skip
     ledger = await open_ledger(Secret(postgres_ledger_url), clock=clock)
     try:
-        assert Claim(record) == await claim(ledger)
-        assert Claim(None) == await claim(ledger, "req-2")
-        assert await ledger.note_attempt("req-2", CC_1)
+        assert await ledger.get(APP, "req-1") is None
+        assert Claim(None) == await claim(ledger)
+        assert await ledger.note_attempt(APP, "req-1", CC_1)
     finally:
         await ledger.close()
+    async with await psycopg.AsyncConnection.connect(postgres_ledger_url) as conn:
+        cursor = await conn.execute("SELECT app_id, jti FROM token_ledger ORDER BY app_id")
+        assert [("", record.jti), (APP, None)] == await cursor.fetchall()
 
 
 async def test_a_lost_listen_connection_is_restored(
@@ -742,13 +854,13 @@ async def test_a_lost_listen_connection_is_restored(
     await claim(holder)
     waiter = asyncio.create_task(claim(other))
     await asyncio.sleep(0.1)
-    await holder.abandon("req-1")
+    await holder.abandon(APP, "req-1")
     assert Claim(None) == await asyncio.wait_for(waiter, 1.0)
-    await other.abandon("req-1")
+    await other.abandon(APP, "req-1")
     await claim(holder)
     waiter = asyncio.create_task(claim(other))
     await asyncio.sleep(0.1)
     abandoned_at = time.monotonic()
-    await holder.abandon("req-1")
+    await holder.abandon(APP, "req-1")
     assert Claim(None) == await waiter
     assert time.monotonic() - abandoned_at < 0.3

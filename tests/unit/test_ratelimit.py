@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.ratelimit import RateLimiter
 from relay.errors import RateLimited
+from relay.ratelimit import RateLimiter
 
 
 def test_burst_then_refusal_then_refill() -> None:

@@ -1,8 +1,14 @@
-"""relay.rpc over a real grpc.aio server on loopback: statuses, reasons, ids, and back."""
+"""relay.rpc over a real grpc.aio server on loopback: statuses, reasons, ids, and back.
+
+Services are registered with rpc.add_service, so requests are parsed under the error mapping,
+and every refusal logs one `call_refused` line.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import io
+import json
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -44,15 +50,40 @@ class Raising(pci_relay_pb2_grpc.PciRelayServicer):
             raise CardNotFound("card not found", card_ref=request.card_ref)
 
 
+SERVICE = pci_relay_pb2.DESCRIPTOR.services_by_name["PciRelay"]
+TOKENIZE = "/relay.pb.v1.PciRelay/Tokenize"
+TOKENIZE_STREAM = "/relay.pb.v1.PciRelay/TokenizeStream"
+
+
 @pytest.fixture
-async def stub():
+def hooked() -> list[tuple[str, str]]:
+    """(method, reason) of each request the server refused before its servicer ran."""
+    return []
+
+
+@pytest.fixture
+async def channel(hooked):
+    async def on_unparseable(_context: Any, method: str, exc: RelayError) -> None:
+        hooked.append((method, exc.reason))
+
     server = grpc.aio.server()
-    pci_relay_pb2_grpc.add_PciRelayServicer_to_server(Raising(), server)
+    rpc.add_service(server, Raising(), SERVICE, on_unparseable=on_unparseable)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield pci_relay_pb2_grpc.PciRelayStub(channel)
+        yield channel
     await server.stop(None)
+
+
+@pytest.fixture
+def stub(channel):
+    return pci_relay_pb2_grpc.PciRelayStub(channel)
+
+
+def logged(stream: io.StringIO, event: str) -> list[dict[str, Any]]:
+    """The JSON lines of one event written to the log_stream fixture."""
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [line for line in lines if line["event"] == event]
 
 
 async def call(stub, card_ref: str) -> grpc.aio.AioRpcError:
@@ -127,3 +158,62 @@ def test_metadata_drops_ids_that_are_not_plain_ascii() -> None:
     """Ids with control or non-ASCII characters are not put on the wire."""
     pairs = rpc.error_metadata(Unavailable("x", good="ok", bad="caf\u00e9", worse="a\nb"))
     assert [("relay-id-good", "ok")] == [p for p in pairs if p[0].startswith("relay-id-")]
+
+
+async def test_a_refusal_logs_one_event_with_reason_status_and_peer(stub, log_stream) -> None:
+    """A RelayError is one warning `call_refused`; with no certificate the peer is insecure-dev."""
+    await call(stub, "missing")
+    [event] = logged(log_stream, "call_refused")
+    assert (
+        "warning",
+        "Tokenize",
+        "CARD_NOT_FOUND",
+        "NOT_FOUND",
+        "insecure-dev",
+        {"card_ref": "missing"},
+    ) == tuple(event.get(k) for k in ("level", "method", "reason", "status", "peer", "ids"))
+    assert "peer_cert_sha256" not in event
+
+
+async def test_an_internal_error_is_a_failure_not_a_refusal(stub, log_stream) -> None:
+    """A crash keeps its rpc_failed line and logs no call_refused."""
+    await call(stub, "crash")
+    assert (1, []) == (
+        len(logged(log_stream, "rpc_failed")),
+        logged(log_stream, "call_refused"),
+    )
+
+
+async def test_bytes_that_are_no_request_are_invalid_argument_with_fixed_text(
+    channel, hooked, log_stream
+) -> None:
+    """b"\\xff\\xff" to Tokenize: INVALID_ARGUMENT, the fixed message, reason, hook told."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await channel.unary_unary(TOKENIZE)(b"\xff\xff")
+    metadata = dict(info.value.trailing_metadata() or ())
+    assert (grpc.StatusCode.INVALID_ARGUMENT, rpc.UNPARSEABLE, "INVALID_REQUEST") == (
+        info.value.code(),
+        info.value.details(),
+        metadata.get(rpc.REASON_KEY),
+    )
+    assert [("Tokenize", "INVALID_REQUEST")] == hooked
+    assert ["Tokenize"] == [e["method"] for e in logged(log_stream, "call_refused")]
+
+
+async def test_an_unparseable_stream_item_aborts_the_stream(channel, hooked, log_stream) -> None:
+    """An item that does not parse ends the stream INVALID_ARGUMENT; one event, hook told."""
+    call_ = channel.stream_stream(TOKENIZE_STREAM)(iter([b"\xff\xff"]))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in call_:
+            pass
+    assert (grpc.StatusCode.INVALID_ARGUMENT, [("TokenizeStream", "INVALID_REQUEST")]) == (
+        info.value.code(),
+        hooked,
+    )
+    assert ["INVALID_REQUEST"] == [e["reason"] for e in logged(log_stream, "call_refused")]
+
+
+async def test_a_well_formed_request_reaches_the_servicer_as_its_message(stub, hooked) -> None:
+    """Parsed by add_service, the request's fields arrive intact (here: the card_ref chosen)."""
+    exc = await call(stub, "expired")
+    assert (grpc.StatusCode.FAILED_PRECONDITION, []) == (exc.code(), hooked)

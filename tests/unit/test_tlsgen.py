@@ -28,3 +28,20 @@ def test_issued_repr_hides_the_key() -> None:
     issued = tlsgen.issue_client(tlsgen.new_ca(), "m")
     assert b"PRIVATE KEY" in issued.key_pem
     assert "PRIVATE" not in repr(issued)
+
+
+def test_app_certificate_names_its_app_and_no_merchant() -> None:
+    """issue_app writes `urn:relay:app:<id>`: an app, never a merchant."""
+    ca = tlsgen.new_ca()
+    app = tlsgen.issue_app(ca, "shop-app")
+    cert = x509.load_pem_x509_certificate(app.cert_pem)
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
+    assert "shop-app" == tlsgen.app_from_cert(app.cert_pem)
+    assert tlsgen.merchant_from_cert(app.cert_pem) is None
+
+
+def test_merchant_or_server_certificate_names_no_app() -> None:
+    """Only the app SAN URI names an app: a merchant's CN or URI does not, nor a server's."""
+    ca = tlsgen.new_ca()
+    assert tlsgen.app_from_cert(tlsgen.issue_client(ca, "shop-app").cert_pem) is None
+    assert tlsgen.app_from_cert(tlsgen.issue_server(ca, ("shop-app",)).cert_pem) is None

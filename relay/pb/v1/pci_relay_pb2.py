@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from relay.pb.v1 import common_pb2 as relay_dot_pb_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brelay/pb/v1/pci_relay.proto\x12\x0brelay.pb.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18relay/pb/v1/common.proto\"\xb1\x01\n\x12PciTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61pture_context\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x03 \x01(\t\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08withdraw\x18\x05 \x01(\x08\x12\x0e\n\x06repeat\x18\x06 \x01(\x08\x12\x0e\n\x06\x61pp_id\x18\x07 \x01(\t\"\x88\x01\n\x11PciTokenizeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05token\x18\x02 \x01(\x0b\x32\x1e.relay.pb.v1.PciTransientTokenH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.relay.pb.v1.ErrorH\x00\x42\t\n\x07outcome\"z\n\x11PciTransientToken\x12\x17\n\x0ftransient_token\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07receipt\x18\x04 \x01(\t2\xae\x01\n\x08PciRelay\x12K\n\x08Tokenize\x12\x1f.relay.pb.v1.PciTokenizeRequest\x1a\x1e.relay.pb.v1.PciTokenizeResult\x12U\n\x0eTokenizeStream\x12\x1f.relay.pb.v1.PciTokenizeRequest\x1a\x1e.relay.pb.v1.PciTokenizeResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brelay/pb/v1/pci_relay.proto\x12\x0brelay.pb.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18relay/pb/v1/common.proto\"\xb1\x01\n\x12PciTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61pture_context\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61rd_ref\x18\x03 \x01(\t\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08withdraw\x18\x05 \x01(\x08\x12\x0e\n\x06repeat\x18\x06 \x01(\x08\x12\x0e\n\x06\x61pp_id\x18\x07 \x01(\t\"\x98\x01\n\x11PciTokenizeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05token\x18\x02 \x01(\x0b\x32\x1e.relay.pb.v1.PciTransientTokenH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.relay.pb.v1.ErrorH\x00\x12\x0e\n\x06\x61pp_id\x18\x04 \x01(\tB\t\n\x07outcome\"z\n\x11PciTransientToken\x12\x17\n\x0ftransient_token\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07receipt\x18\x04 \x01(\t2\xae\x01\n\x08PciRelay\x12K\n\x08Tokenize\x12\x1f.relay.pb.v1.PciTokenizeRequest\x1a\x1e.relay.pb.v1.PciTokenizeResult\x12U\n\x0eTokenizeStream\x12\x1f.relay.pb.v1.PciTokenizeRequest\x1a\x1e.relay.pb.v1.PciTokenizeResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PCITOKENIZEREQUEST']._serialized_start=136
   _globals['_PCITOKENIZEREQUEST']._serialized_end=313
   _globals['_PCITOKENIZERESULT']._serialized_start=316
-  _globals['_PCITOKENIZERESULT']._serialized_end=452
-  _globals['_PCITRANSIENTTOKEN']._serialized_start=454
-  _globals['_PCITRANSIENTTOKEN']._serialized_end=576
-  _globals['_PCIRELAY']._serialized_start=579
-  _globals['_PCIRELAY']._serialized_end=753
+  _globals['_PCITOKENIZERESULT']._serialized_end=468
+  _globals['_PCITRANSIENTTOKEN']._serialized_start=470
+  _globals['_PCITRANSIENTTOKEN']._serialized_end=592
+  _globals['_PCIRELAY']._serialized_start=595
+  _globals['_PCIRELAY']._serialized_end=769
 # @@protoc_insertion_point(module_scope)

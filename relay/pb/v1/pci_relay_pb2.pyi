@@ -29,14 +29,16 @@ class PciTokenizeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., capture_context: _Optional[str] = ..., card_ref: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., withdraw: _Optional[bool] = ..., repeat: _Optional[bool] = ..., app_id: _Optional[str] = ...) -> None: ...
 
 class PciTokenizeResult(_message.Message):
-    __slots__ = ("request_id", "token", "error")
+    __slots__ = ("request_id", "token", "error", "app_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token: PciTransientToken
     error: _common_pb2.Error
-    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[PciTransientToken, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ...) -> None: ...
+    app_id: str
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[PciTransientToken, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., app_id: _Optional[str] = ...) -> None: ...
 
 class PciTransientToken(_message.Message):
     __slots__ = ("transient_token", "jti", "expires_at", "receipt")

@@ -6,17 +6,29 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
+import hmac
+import secrets
 import sqlite3
+from collections.abc import Callable
 
 import psycopg
 import pytest
 
 from pci_side.vault import AuditEntry, CardVault, open_vault
-from pci_side.vault.audit import GENESIS_HASH, canonical_json, link_hash
+from pci_side.vault.audit import (
+    GENESIS_HASH,
+    StoredAuditEntry,
+    canonical_json,
+    check_entry,
+    link_hash,
+)
 from relay.config import VaultConfig
+from relay.secrets import Secret
 from tests.vault_backends import drop_audit_guards, run_sql
 
 AT = dt.datetime(2025, 1, 31, 23, 59, 59, 123456, tzinfo=dt.UTC)
+KEY = Secret(bytes(range(32)))
+Link = Callable[[str, int, dt.datetime, AuditEntry], str]
 
 
 def entry(number: int, outcome: str = "success", reason: str = "") -> AuditEntry:
@@ -29,19 +41,21 @@ async def record(vault: CardVault, count: int) -> list[int]:
     return [await vault.record_attempt(entry(number)) for number in range(count)]
 
 
-def test_hash_covers_prev_hash_and_the_documented_canonical_json() -> None:
-    """The link hash is SHA-256 over prev_hash, a newline and the exact canonical JSON."""
-    item = AuditEntry("m1", "card-1", "req-1", "cc-jti", "tt-jti", "success", "")
+def test_hash_is_a_keyed_mac_over_prev_hash_and_the_documented_canonical_json() -> None:
+    """The link hash is HMAC-SHA256 under the audit key over prev_hash, LF, canonical JSON."""
+    item = AuditEntry("m1", "card-1", "req-1", "cc-jti", "tt-jti", "admin", "grant", "ops", "a=1")
     canonical = (
-        '{"at":"2025-01-31T23:59:59.123456Z","card_ref":"card-1","cc_jti":"cc-jti",'
-        '"merchant_id":"m1","outcome":"success","reason":"","request_id":"req-1","seq":1,'
-        '"tt_jti":"tt-jti"}'
+        '{"actor":"ops","at":"2025-01-31T23:59:59.123456Z","card_ref":"card-1","cc_jti":"cc-jti",'
+        '"detail":"a=1","merchant_id":"m1","outcome":"admin","reason":"grant",'
+        '"request_id":"req-1","seq":1,"tt_jti":"tt-jti"}'
     )
-    expected = hashlib.sha256(f"{GENESIS_HASH}\n{canonical}".encode()).hexdigest()
+    message = f"{GENESIS_HASH}\n{canonical}".encode()
+    expected = hmac.new(KEY.get_secret_value(), message, hashlib.sha256).hexdigest()
     assert (canonical.encode(), expected) == (
         canonical_json(1, AT, item),
-        link_hash(GENESIS_HASH, 1, AT, item),
+        link_hash(KEY, GENESIS_HASH, 1, AT, item),
     )
+    assert expected != link_hash(Secret(b"\xff" * 32), GENESIS_HASH, 1, AT, item)
 
 
 async def test_a_chain_of_entries_verifies(vault: CardVault) -> None:
@@ -150,7 +164,7 @@ async def test_a_rewritten_tail_is_reported_where_the_links_break(
     drop_audit_guards(vault_config)
     [stored] = [e for e in await vault.audit_entries() if e.seq == 3]
     forged = dataclasses.replace(stored.entry, outcome="failure", reason="X")
-    new_hash = link_hash(stored.prev_hash, 3, stored.at, forged)
+    new_hash = link_hash(vault_config.audit_key, stored.prev_hash, 3, stored.at, forged)
     run_sql(
         vault_config,
         "UPDATE audit_log SET outcome = 'failure', reason = 'X', hash = ? WHERE seq = 3",
@@ -180,11 +194,130 @@ async def test_entries_cut_off_the_end_are_reported(
     [
         AuditEntry("m", "c", "r", "", "", "maybe", ""),
         AuditEntry("m", "c", "r" * 257, "", "", "success", ""),
+        AuditEntry("m", "c", "r", "", "", "admin", "list", "o" * 257),
+        AuditEntry("m", "c", "r", "", "", "admin", "list", "ops", "d" * 257),
     ],
-    ids=["outcome", "length"],
+    ids=["outcome", "length", "actor", "detail"],
 )
 async def test_record_attempt_refuses_malformed_entries(vault: CardVault, bad: AuditEntry) -> None:
     """An unknown outcome or an oversized field is refused and nothing is appended."""
     with pytest.raises(ValueError, match="audit"):
         await vault.record_attempt(bad)
+    assert [] == await vault.audit_entries()
+
+
+def plain_sha256(prev_hash: str, seq: int, at: dt.datetime, item: AuditEntry) -> str:
+    """The unkeyed link of the chain before the audit key, as an attacker could compute it."""
+    return hashlib.sha256(prev_hash.encode() + b"\n" + canonical_json(seq, at, item)).hexdigest()
+
+
+def keyed(key: Secret[bytes]) -> Link:
+    return lambda prev, seq, at, item: link_hash(key, prev, seq, at, item)
+
+
+async def rewrite_from(vault: CardVault, config: VaultConfig, first: int, link: Link) -> None:
+    """Drop the guards, forge every row from seq first on and the head, re-linking with link."""
+    drop_audit_guards(config)
+    rows = sorted(await vault.audit_entries(), key=lambda stored: stored.seq)
+    prev = rows[first - 2].hash if first > 1 else GENESIS_HASH
+    for stored in rows[first - 1 :]:
+        forged = dataclasses.replace(stored.entry, outcome="failure", reason="FORGED")
+        prev = forge_row(config, stored, forged, prev, link(prev, stored.seq, stored.at, forged))
+    run_sql(config, "UPDATE audit_head SET hash = ? WHERE id = 1", [prev])
+
+
+def forge_row(
+    config: VaultConfig, stored: StoredAuditEntry, forged: AuditEntry, prev: str, new: str
+) -> str:
+    run_sql(
+        config,
+        "UPDATE audit_log SET outcome = ?, reason = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+        [forged.outcome, forged.reason, prev, new, stored.seq],
+    )
+    return new
+
+
+@pytest.mark.parametrize("first", [4, 1], ids=["tail", "whole-chain"])
+@pytest.mark.parametrize("attacker", ["sha256", "other-key"])
+async def test_a_rewrite_without_the_audit_key_is_found_at_its_first_row(
+    vault: CardVault, vault_config: VaultConfig, attacker: str, first: int
+) -> None:
+    """Rows and head rewritten with hashes recomputed without the key fail at the first of them."""
+    await record(vault, 6)
+    link = plain_sha256 if attacker == "sha256" else keyed(Secret(secrets.token_bytes(32)))
+    await rewrite_from(vault, vault_config, first, link)
+    verdict = await vault.verify_audit(batch_size=4)
+    problem = f"seq {first}: the hash does not match the entry's contents"
+    assert (False, first, first - 1, problem) == (
+        verdict.ok,
+        verdict.first_broken,
+        verdict.checked,
+        verdict.problem,
+    )
+
+
+async def test_the_same_rewrite_with_the_audit_key_verifies(
+    vault: CardVault, vault_config: VaultConfig
+) -> None:
+    """With the key the forgery is undetectable: the keyed test above rests on the key alone."""
+    await record(vault, 6)
+    await rewrite_from(vault, vault_config, 4, keyed(vault_config.audit_key))
+    verdict = await vault.verify_audit(batch_size=4)
+    outcomes = [stored.entry.outcome for stored in await vault.audit_entries()]
+    assert (True, 6, ["failure"] * 3 + ["success"] * 3) == (verdict.ok, verdict.checked, outcomes)
+
+
+async def test_a_vault_opened_with_another_audit_key_finds_the_chain_broken_at_seq_1(
+    vault: CardVault, vault_config: VaultConfig
+) -> None:
+    """The key is part of every link: the right chain under the wrong key fails at once."""
+    await record(vault, 3)
+    other = dataclasses.replace(vault_config, audit_key=Secret(secrets.token_bytes(32)))
+    async with await open_vault(other) as wrong:
+        verdict = await wrong.verify_audit()
+    assert (False, 1) == (verdict.ok, verdict.first_broken)
+
+
+async def test_refusal_and_admin_records_chain_and_verify(vault: CardVault) -> None:
+    """Refusals and admin actions read back with their actor and detail, in one valid chain."""
+    await vault.record_attempt(entry(1))
+    await vault.record_refusal("PERMISSION_DENIED", "sha256:" + "ab" * 32)
+    await vault.record_refusal(
+        "INVALID_REQUEST", "merchant:m1", merchant_id="m1", request_id="r1", card_ref="card-1"
+    )
+    await vault.record_admin("grant", "alice", "changed=1", merchant_id="m2", card_ref="card-1")
+    await vault.record_admin("list", "bob", "shown=0")
+    stored = [row.entry for row in reversed(await vault.audit_entries())]
+    verdict = await vault.verify_audit(batch_size=2)
+    assert [
+        entry(1),
+        AuditEntry("", "", "", "", "", "refused", "PERMISSION_DENIED", "sha256:" + "ab" * 32),
+        AuditEntry("m1", "card-1", "r1", "", "", "refused", "INVALID_REQUEST", "merchant:m1"),
+        AuditEntry("m2", "card-1", "", "", "", "admin", "grant", "alice", "changed=1"),
+        AuditEntry("", "", "", "", "", "admin", "list", "bob", "shown=0"),
+    ] == stored
+    assert (True, 5) == (verdict.ok, verdict.checked)
+
+
+async def test_an_edited_actor_is_reported(vault: CardVault, vault_config: VaultConfig) -> None:
+    """actor and detail are covered by the hash like every other field."""
+    await vault.record_admin("rotate_key", "alice", "rewrapped=0 version=1")
+    await vault.record_admin("list", "alice", "shown=0")
+    drop_audit_guards(vault_config)
+    run_sql(vault_config, "UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
+    run_sql(vault_config, "UPDATE audit_log SET detail = 'rewrapped=9' WHERE seq = 1")
+    assert 1 == (await vault.verify_audit()).first_broken
+
+
+@pytest.mark.parametrize("outcome", ["refuse", "ADMIN", "", "deleted"])
+def test_check_entry_refuses_unknown_outcomes(outcome: str) -> None:
+    """Only the documented outcomes may enter the chain."""
+    with pytest.raises(ValueError, match="audit outcome must be one of"):
+        check_entry(AuditEntry("m", "c", "r", "", "", outcome, ""))
+
+
+async def test_record_admin_refuses_an_oversized_detail(vault: CardVault) -> None:
+    """An admin record is checked like any other: nothing is appended."""
+    with pytest.raises(ValueError, match="audit detail"):
+        await vault.record_admin("import", "alice", "x" * 257)
     assert [] == await vault.audit_entries()

@@ -1,19 +1,31 @@
-"""The KEK keyring: the file format, its errors, appending versions, and reloads on a miss."""
+"""The KEK keyring: the file format, its errors, appending versions, and reloads on a miss.
+
+Also the keyring checked against the vault: a version in use that the keyring lacks, or holds
+another key for, stops open_vault with a ConfigError; at run time a wrong key is a key error
+(VaultKeyMismatch) and only a row that fails under the right key is tampering.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import hashlib
+import hmac
 import secrets
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from pci_side.vault import FileKeyProvider, Keyring, VaultKeyMissing, open_vault
+from pci_side.vault import CardVault, FileKeyProvider, Keyring, VaultKeyMissing, open_vault
+from pci_side.vault.errors import VaultIntegrityError, VaultKeyMismatch
 from pci_side.vault.kek import append_version, create_keyring, parse_keyring, read_keyring
+from pci_side.vault.vault import open_store
 from relay.config import VaultConfig
 from relay.errors import ConfigError
 from relay.secrets import Secret
+from tests.vault_backends import generated_cards, run_sql
 
 
 def b64(size: int = 32) -> str:
@@ -56,10 +68,10 @@ def test_a_keyring_without_keys_is_refused(text: str) -> None:
 
 
 def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
-    """A missing file names the variable, not the path's contents."""
+    """A missing file names the variable and the path, not the path's contents."""
     with pytest.raises(ConfigError) as info:
         read_keyring(tmp_path / "missing")
-    assert ["RELAY_VAULT_KEK_FILE cannot be read as ASCII text"] == info.value.problems
+    assert [f"RELAY_VAULT_KEK_FILE ({tmp_path / 'missing'}) cannot be read"] == info.value.problems
 
 
 def test_create_then_append_versions(tmp_path: Path) -> None:
@@ -102,6 +114,7 @@ def test_append_to_a_malformed_file_changes_nothing(tmp_path: Path) -> None:
     """append_version validates the file first and leaves a malformed one as it was."""
     path = tmp_path / "kek"
     path.write_text("1:short\n")
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match="line 1"):
         append_version(path)
     assert ("1:short\n", False) == (path.read_text(), (tmp_path / ".kek.tmp").exists())
@@ -203,3 +216,171 @@ def test_keyring_file_lines_are_ascii_base64(tmp_path: Path) -> None:
     version, key = lines[1].split(":")
     assert (True, "1", 32) == (lines[0].startswith("#"), version, len(base64.b64decode(key)))
     assert 0 == path.stat().st_mode & 0o077
+
+
+# --- The keyring checked against the vault ---------------------------------------------------
+
+
+def write_keyring(config: VaultConfig, lines: dict[int, bytes]) -> None:
+    """Replace the vault's keyring file with these versions (mode 0600)."""
+    path = Path(config.kek_file)
+    path.write_text("".join(f"{v}:{base64.b64encode(k).decode()}\n" for v, k in lines.items()))
+    path.chmod(0o600)
+
+
+async def seeded(config: VaultConfig) -> str:
+    """Import one card under version 1 with the config's keyring; its card_ref."""
+    card = generated_cards(1, merchants=("m1",))[0]
+    async with await open_vault(config) as vault:
+        await vault.import_cards([card])
+    return card.card_ref
+
+
+def check_value(key: bytes) -> str:
+    return hmac.new(key, b"relay kek check value v1", hashlib.sha256).hexdigest()
+
+
+async def test_a_keyring_missing_a_version_in_use_stops_open_vault(
+    vault_config: VaultConfig,
+) -> None:
+    """Cards sealed under version 1 and a keyring holding only 2: ConfigError naming both."""
+    await seeded(vault_config)
+    write_keyring(vault_config, {2: secrets.token_bytes(32)})
+    with pytest.raises(ConfigError) as info:
+        await open_vault(vault_config)
+    expected = (
+        f"RELAY_VAULT_KEK_FILE ({vault_config.kek_file}) has no version 1, which the vault's "
+        "cards are sealed under: restore it"
+    )
+    assert [expected] == info.value.problems
+
+
+async def test_a_wrong_key_under_the_right_version_is_a_key_error_not_tampering(
+    vault_config: VaultConfig,
+) -> None:
+    """Another key under version 1: the wrong-key ConfigError, which never says tampering."""
+    await seeded(vault_config)
+    write_keyring(vault_config, {1: secrets.token_bytes(32)})
+    with pytest.raises(ConfigError) as info:
+        await open_vault(vault_config)
+    expected = (
+        f"the key for version 1 in RELAY_VAULT_KEK_FILE ({vault_config.kek_file}) is not the key "
+        "the vault was sealed with"
+    )
+    assert [expected] == info.value.problems
+
+
+async def test_the_check_value_is_recorded_when_a_version_first_seals(
+    vault_config: VaultConfig,
+) -> None:
+    """Importing under version 1 records HMAC-SHA256(kek, label) for it, and nothing else."""
+    await seeded(vault_config)
+    key = read_keyring(vault_config.kek_file)[1].get_secret_value()
+    rows = run_sql(vault_config, "SELECT version, check_value FROM kek_checks")
+    assert [(1, check_value(key))] == rows
+
+
+async def test_a_vault_without_check_values_gets_them_on_open(vault_config: VaultConfig) -> None:
+    """A vault from before check values: open_vault unwraps a DEK, then records the value."""
+    await seeded(vault_config)
+    run_sql(vault_config, "DELETE FROM kek_checks")
+    async with await open_vault(vault_config):
+        pass
+    key = read_keyring(vault_config.kek_file)[1].get_secret_value()
+    assert [(1, check_value(key))] == run_sql(
+        vault_config, "SELECT version, check_value FROM kek_checks"
+    )
+
+
+async def test_a_vault_without_check_values_still_refuses_a_wrong_key(
+    vault_config: VaultConfig,
+) -> None:
+    """Without a stored check value, a key that cannot unwrap the DEK is the wrong-key error."""
+    await seeded(vault_config)
+    run_sql(vault_config, "DELETE FROM kek_checks")
+    write_keyring(vault_config, {1: secrets.token_bytes(32)})
+    with pytest.raises(ConfigError, match="is not the key the vault was sealed with"):
+        await open_vault(vault_config)
+    assert [] == run_sql(vault_config, "SELECT version FROM kek_checks")
+
+
+async def test_rotation_records_the_new_version(vault_config: VaultConfig) -> None:
+    """rotate-key to an appended version 2 records its check value beside version 1's."""
+    await seeded(vault_config)
+    append_version(vault_config.kek_file)
+    async with await open_vault(vault_config) as vault:
+        await vault.rotate_key()
+    keys = read_keyring(vault_config.kek_file)
+    expected = [(v, check_value(keys[v].get_secret_value())) for v in (1, 2)]
+    assert expected == run_sql(
+        vault_config, "SELECT version, check_value FROM kek_checks ORDER BY version"
+    )
+
+
+async def vault_with_keys(config: VaultConfig, keys: dict[int, Secret[bytes]]) -> CardVault:
+    """A vault past open_vault's check (the seam a running worker is in after a reload)."""
+    store = await open_store(config)
+    provider = FileKeyProvider(config.kek_file, keys)
+    return CardVault(store, provider, config.fingerprint_key, config.audit_key)
+
+
+async def test_at_run_time_a_swapped_key_is_a_key_error(vault_config: VaultConfig) -> None:
+    """load_card with another key under the row's version: VaultKeyMismatch, logged as such."""
+    card_ref = await seeded(vault_config)
+    swapped = {1: Secret(secrets.token_bytes(32))}
+    async with await vault_with_keys(vault_config, swapped) as vault:
+        with capture_logs() as logs, pytest.raises(VaultKeyMismatch) as info:
+            await vault.load_card(card_ref, "m1")
+    events = [(log["event"], log.get("key_version")) for log in logs]
+    assert ([("vault_key_mismatch", 1)], {"key_version": "1"}) == (events, info.value.ids)
+    assert "tamper" not in str(info.value)
+
+
+async def test_at_run_time_a_tampered_row_under_the_right_key_is_still_integrity(
+    vault_config: VaultConfig,
+) -> None:
+    """A flipped ciphertext byte under the recorded key stays VaultIntegrityError."""
+    card_ref = await seeded(vault_config)
+    [(ciphertext,)] = run_sql(vault_config, "SELECT ciphertext FROM cards")
+    broken = bytes(ciphertext[:-1]) + bytes([ciphertext[-1] ^ 1])
+    run_sql(vault_config, "UPDATE cards SET ciphertext = ?", [broken])
+    async with await open_vault(vault_config) as vault:
+        with capture_logs() as logs, pytest.raises(VaultIntegrityError):
+            await vault.load_card(card_ref, "m1")
+    assert ["vault_integrity_failure"] == [log["event"] for log in logs]
+
+
+async def test_sealing_under_a_version_recorded_with_another_key_is_refused(
+    vault_config: VaultConfig,
+) -> None:
+    """An import under a version whose recorded check value is another key's seals nothing."""
+    await seeded(vault_config)
+    other = {1: Secret(secrets.token_bytes(32))}
+    async with await vault_with_keys(vault_config, other) as vault:
+        with pytest.raises(VaultKeyMismatch):
+            await vault.import_cards(generated_cards(1, start=7))
+    assert [(1,)] == run_sql(vault_config, "SELECT count(*) FROM cards")
+
+
+async def test_open_vault_refuses_a_kek_file_others_may_read(vault_config: VaultConfig) -> None:
+    """A 0644 keyring is refused by open_vault, naming the file and saying chmod 600."""
+    Path(vault_config.kek_file).chmod(0o644)
+    with pytest.raises(ConfigError) as info:
+        await open_vault(vault_config)
+    path = vault_config.kek_file
+    expected = (
+        f"RELAY_VAULT_KEK_FILE ({path}) may be read or written by other users (mode 0644): "
+        f"chmod 600 {path}"
+    )
+    assert [expected] == info.value.problems
+
+
+async def test_open_vault_takes_a_group_readable_kek_file_of_the_secret_files_group(
+    sqlite_vault_config: VaultConfig,
+) -> None:
+    """A 0640 keyring opens when secret_files_group is the file's group."""
+    path = Path(sqlite_vault_config.kek_file)
+    path.chmod(0o640)
+    config = dataclasses.replace(sqlite_vault_config, secret_files_group=path.stat().st_gid)
+    async with await open_vault(config) as vault:
+        assert 1 == vault.key_version

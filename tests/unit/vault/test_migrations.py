@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pci_side.vault import CardVault, VaultUnavailable, open_vault
+from pci_side.vault.migrations import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from relay.config import VaultConfig
 from relay.errors import ConfigError
 from relay.secrets import Secret
 from tests.vault_backends import generated_cards, make_vault_config, run_sql
+
+
+def applied_versions(config: VaultConfig) -> list[tuple[int]]:
+    """What schema_version should hold once every migration of config's backend has run."""
+    migrations = SQLITE_MIGRATIONS if config.backend == "sqlite" else POSTGRES_MIGRATIONS
+    return [(version,) for version, _ in migrations]
 
 
 async def test_reopening_keeps_the_cards_and_the_schema_version(vault_config: VaultConfig) -> None:
@@ -21,7 +29,7 @@ async def test_reopening_keeps_the_cards_and_the_schema_version(vault_config: Va
     async with await open_vault(vault_config) as vault:
         count = await vault.count_cards()
     versions = run_sql(vault_config, "SELECT version FROM schema_version ORDER BY version")
-    assert (3, [(1,), (2,)]) == (count, versions)
+    assert (3, applied_versions(vault_config)) == (count, versions)
 
 
 async def test_concurrent_opens_of_a_fresh_vault_migrate_once(vault_config: VaultConfig) -> None:
@@ -35,7 +43,7 @@ async def test_concurrent_opens_of_a_fresh_vault_migrate_once(vault_config: Vaul
     finally:
         for vault in vaults:
             await vault.close()
-    assert ([2, 2, 2, 2], [(1,), (2,)]) == (
+    assert ([2, 2, 2, 2], applied_versions(vault_config)) == (
         counts,
         run_sql(vault_config, "SELECT version FROM schema_version ORDER BY version"),
     )
@@ -56,10 +64,18 @@ async def test_a_schema_newer_than_the_code_is_refused(vault_config: VaultConfig
 
 async def test_a_short_fingerprint_key_is_refused(sqlite_vault_config: VaultConfig) -> None:
     """open_vault refuses a fingerprint key under 32 bytes, naming the variable."""
-    config = VaultConfig(sqlite_vault_config.url, sqlite_vault_config.kek_file, Secret(b"short"))
+    config = dataclasses.replace(sqlite_vault_config, fingerprint_key=Secret(b"short"))
     with pytest.raises(ConfigError) as info:
         await open_vault(config)
     assert ["RELAY_VAULT_FINGERPRINT_KEY_FILE must hold at least 32 bytes"] == info.value.problems
+
+
+async def test_a_short_audit_key_is_refused(sqlite_vault_config: VaultConfig) -> None:
+    """open_vault refuses an audit key under 32 bytes, naming the variable."""
+    config = dataclasses.replace(sqlite_vault_config, audit_key=Secret(b"k" * 31))
+    with pytest.raises(ConfigError) as info:
+        await open_vault(config)
+    assert ["RELAY_VAULT_AUDIT_KEY_FILE must hold at least 32 bytes"] == info.value.problems
 
 
 async def test_a_new_sqlite_vault_file_is_owner_only(sqlite_vault_config: VaultConfig) -> None:
