@@ -16,7 +16,6 @@ import json
 import os
 from collections.abc import AsyncIterator
 from importlib import resources
-from pathlib import Path
 
 import structlog
 
@@ -33,6 +32,7 @@ from relay.logging import configure_logging
 from relay.pb.v1 import pci_relay_pb2
 from relay.ratelimit import Rate
 from relay.receipts import ReceiptSigner, generate_receipt_key
+from relay.secrets import read_secret_file
 from relay.serving import (
     Served,
     add_serve_arguments,
@@ -99,9 +99,7 @@ def _generate_receipt_key(args: argparse.Namespace) -> int:
 def _print_receipt_public_key(args: argparse.Namespace) -> int:
     """Print the public half of the key file: safe to hand to every merchant."""
     try:
-        signer = ReceiptSigner(Path(args.key).read_bytes())
-    except OSError:
-        raise ConfigError([f"{args.key} cannot be read"]) from None
+        signer = ReceiptSigner(read_secret_file(args.key, "--key"))
     except ValueError:
         raise ConfigError([f"{args.key} does not hold an Ed25519 private key in PEM"]) from None
     print(signer.public_pem().decode("ascii"), end="")  # noqa: T201  the command's output

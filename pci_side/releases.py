@@ -33,6 +33,7 @@ class ReleaseKey:
     merchant_id: str
     request_id: str
     card_ref: str
+    app_id: str = ""
 
 
 class Release(Generic[T]):
@@ -68,29 +69,33 @@ class Releases(Generic[T]):
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         """Start empty; clock gives epoch seconds, compared with transient-token expiries."""
         self._clock = clock
-        self._entries: dict[str, Release[T]] = {}
+        self._entries: dict[tuple[str, ReleaseKey], Release[T]] = {}
         self._starts = 0
 
     def find(self, cc_jti: str, key: ReleaseKey) -> asyncio.Future[T] | None:
         """The running or successful attempt under cc_jti for the same request, if any."""
-        entry = self._entries.get(cc_jti)
-        if entry is None or entry.key != key or entry.keep_until <= self._clock():
+        entry = self._entries.get((cc_jti, key))
+        if entry is None or entry.keep_until <= self._clock():
             return None
         return entry.result
 
     def start(self, cc_jti: str, key: ReleaseKey) -> Release[T]:
-        """Register a new attempt under cc_jti (replacing any other request's entry)."""
+        """Register a new attempt of this request under cc_jti.
+
+        Keyed by context and request: another request under the same context (refused when it
+        claims the context) never touches this one's entry.
+        """
         self._starts += 1
         if self._starts % PURGE_EVERY == 0:
             self._purge()
         entry = Release(self, cc_jti, key)
-        self._entries[cc_jti] = entry
+        self._entries[(cc_jti, key)] = entry
         return entry
 
     def forget(self, cc_jti: str, entry: Release[T]) -> None:
-        """Drop entry, unless another attempt has replaced it since."""
-        if self._entries.get(cc_jti) is entry:
-            del self._entries[cc_jti]
+        """Drop entry, unless another attempt of its request has replaced it since."""
+        if self._entries.get((cc_jti, entry.key)) is entry:
+            del self._entries[(cc_jti, entry.key)]
 
     def __len__(self) -> int:
         """Entries held, running or kept."""
@@ -98,6 +103,6 @@ class Releases(Generic[T]):
 
     def _purge(self) -> None:
         now = self._clock()
-        for cc_jti, entry in list(self._entries.items()):
+        for slot, entry in list(self._entries.items()):
             if entry.keep_until <= now:
-                del self._entries[cc_jti]
+                del self._entries[slot]

@@ -168,9 +168,11 @@ class Tokenizer:
 
     async def _unsent(self, attempt: _Attempt, reason: str) -> None:
         """An attempt that ended before its card was sent: audited, its context given back."""
-        await self._audit(attempt, "failure", reason)
-        if attempt.use is not None:
-            await self._vault.unclaim_context(attempt.use)
+        try:
+            await self._audit(attempt, "failure", reason)
+        finally:
+            if attempt.use is not None:
+                await self._vault.unclaim_context(attempt.use)
 
     async def _audit(
         self, attempt: _Attempt, outcome: str, reason: str, released: Released | None = None
@@ -183,7 +185,7 @@ class Tokenizer:
         self, merchant_id: str, request: TokenizeRequest, attempt: _Attempt, progress: Progress
     ) -> IssuedToken:
         await self._vault.take_rate_token(merchant_id, self._limit.per_second, self._limit.burst)
-        key = ReleaseKey(merchant_id, request.request_id, request.card_ref)
+        key = ReleaseKey(merchant_id, request.request_id, request.card_ref, request.app_id)
         try:
             async with asyncio.timeout_at(request.send_by):
                 ctx = await self._flex.verify_capture_context(request.capture_context)
@@ -229,10 +231,12 @@ class Tokenizer:
             ctx.jti, merchant_id, request.app_id, request.request_id, request.card_ref,
             ctx.expires_at, f"{self.instance_id}/{next(self._attempt_numbers)}",
         )  # fmt: skip
+        # Set first: a caller cancelled while the claim is being written still gives it back.
+        attempt.use = use
         held = await self._vault.claim_context(use)
         if held is None:
-            attempt.use = use
             return
+        attempt.use = None
         request_id = request.request_id
         reused = CaptureContextReused(
             "the capture context was already used: create a new session", request_id=request_id

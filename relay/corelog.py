@@ -62,17 +62,31 @@ def core_log_captured() -> Iterator[None]:
         yield
     finally:
         sys.stderr.flush()
-        sys.stderr = original_stderr
-        # The pipe's last write end goes: the reader logs what is left, sees EOF and ends.
+        # fd 2 first: the pipe's last write end goes, so the reader logs what is left, sees EOF
+        # and ends; only then does sys.stderr go back (a line written between the two would
+        # otherwise come back through the pipe, wrapped twice).
         os.dup2(original_fd, 2)
+        sys.stderr = original_stderr
         os.close(original_fd)
         reader.join(_JOIN_SECONDS)
 
 
 def _read(read_fd: int) -> None:
+    """Drain the pipe to its end, whatever a line does to the logger.
+
+    If the reader stopped, C-core's next writes to fd 2 would fill the pipe and block the
+    process; a line that cannot be logged is dropped (and counted in the next one's place).
+    """
+    dropped = 0
     with open(read_fd, "rb") as pipe:
         for raw in pipe:
-            log_core_line(raw.decode("utf-8", "replace"))
+            try:
+                log_core_line(raw.decode("utf-8", "replace"))
+                if dropped:
+                    _log.error("grpc_core_log_dropped", lines=dropped)
+                    dropped = 0
+            except Exception:  # noqa: BLE001  the reader must outlive any one line
+                dropped += 1
 
 
 def log_core_line(line: str) -> None:

@@ -69,8 +69,8 @@ def peer_from_pem(pem: bytes) -> Peer:
 def _san_identity(cert: x509.Certificate) -> str | None:
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
+        return None  # named by its fingerprint instead: a refusal must still be reported
     for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
         for prefix, kind in _URI_KINDS:
             # The id is shown in clear: only one that passes the id rules is used.

@@ -50,6 +50,7 @@ __all__ = [
     "chain",
     "check_entry",
     "format_at",
+    "head_mac",
     "link_hash",
 ]
 
@@ -153,6 +154,20 @@ def chain(
     return stored
 
 
+AuditHead = tuple[int, str, str]
+"""The head row: the last seq, its hash, and head_mac over both ("" only for the empty chain)."""
+
+
+def head_mac(audit_key: Secret[bytes], seq: int, hash_: str) -> str:
+    """The keyed MAC of the head row, so a writer without the key cannot move it back.
+
+    Without it, dropping the last records and pointing the head at the new last one would
+    verify: each record's hash is keyed, but which record is last would not be.
+    """
+    text = f"audit-head\n{seq}\n{hash_}".encode("ascii")
+    return hmac.new(audit_key.get_secret_value(), text, hashlib.sha256).hexdigest()
+
+
 class ChainVerifier:
     """Walks stored entries in seq order and stops at the first broken link."""
 
@@ -187,11 +202,16 @@ class ChainVerifier:
             return f"seq {row.seq}: the hash does not match the entry's contents"
         return ""
 
-    def finish(self, head: tuple[int, str]) -> AuditVerdict:
-        """The verdict, given the head row's (seq, hash) once every row was fed."""
+    def finish(self, head: AuditHead) -> AuditVerdict:
+        """The verdict, given the head row once every row was fed."""
         if self._broken is not None:
             return self._broken
-        head_seq, head_hash = head
+        head_seq, head_hash, mac = head
+        empty = (head_seq, head_hash, mac) == (0, GENESIS_HASH, "")
+        if not empty and not hmac.compare_digest(mac, head_mac(self._key, head_seq, head_hash)):
+            problem = f"the head (seq {head_seq}) was not written with the audit key: moved"
+            first = min(head_seq, self._seq) + 1
+            return AuditVerdict(ok=False, checked=self.checked, first_broken=first, problem=problem)
         if head_seq > self._seq:
             problem = f"the head records seq {head_seq}, the chain ends at seq {self._seq}: cut off"
             return AuditVerdict(

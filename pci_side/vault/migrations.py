@@ -121,6 +121,7 @@ SQLITE_MIGRATIONS: Final[tuple[Migration, ...]] = (
         (
             "ALTER TABLE audit_log ADD COLUMN actor TEXT NOT NULL DEFAULT ''",
             "ALTER TABLE audit_log ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE audit_head ADD COLUMN mac TEXT NOT NULL DEFAULT ''",
         ),
     ),
     (
@@ -239,6 +240,7 @@ POSTGRES_MIGRATIONS: Final[tuple[Migration, ...]] = (
         (
             "ALTER TABLE audit_log ADD COLUMN actor TEXT NOT NULL DEFAULT ''",
             "ALTER TABLE audit_log ADD COLUMN detail TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE audit_head ADD COLUMN mac TEXT NOT NULL DEFAULT ''",
         ),
     ),
     (

@@ -26,7 +26,7 @@ from typing import Any, Final
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from pci_side.vault.audit import AuditEntry, StoredAuditEntry, chain
+from pci_side.vault.audit import AuditEntry, AuditHead, StoredAuditEntry, chain, head_mac
 from pci_side.vault.errors import VaultStorageError, VaultUnavailable
 from pci_side.vault.migrations import POSTGRES_MIGRATIONS
 from pci_side.vault.store import (
@@ -263,9 +263,10 @@ class PostgresStore:
             stored = chain(audit_key, int(head[0]), str(head[1]), entries)
             async with conn.cursor() as writer:
                 await writer.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])
+            last = stored[-1]
             await conn.execute(
-                "UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
-                (stored[-1].seq, stored[-1].hash),
+                "UPDATE audit_head SET seq = %s, hash = %s, mac = %s WHERE id = 1",
+                (last.seq, last.hash, head_mac(audit_key, last.seq, last.hash)),
             )
         return stored
 
@@ -289,13 +290,13 @@ class PostgresStore:
             rows = await cursor.fetchall()
         return [_stored_entry(row) for row in rows]
 
-    async def audit_head(self) -> tuple[int, str]:
+    async def audit_head(self) -> AuditHead:
         """The head row."""
         async with self._connection() as conn:
-            cursor = await conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1")
+            cursor = await conn.execute("SELECT seq, hash, mac FROM audit_head WHERE id = 1")
             head = await cursor.fetchone()
         assert head is not None
-        return int(head[0]), str(head[1])
+        return int(head[0]), str(head[1]), str(head[2])
 
     async def find_release(self, cc_jti: str) -> ReleaseRow | None:
         """See Store.find_release."""
@@ -360,30 +361,27 @@ class PostgresStore:
     async def claim_contexts(
         self, uses: Sequence[ContextUse], purge_before: int | None
     ) -> list[ContextUse | None]:
-        """See Store.claim_contexts: one statement for the batch, one more for its conflicts."""
-        columns = [list(column) for column in zip(*map(dataclasses.astuple, uses), strict=True)]
+        """See Store.claim_contexts: one statement, which also locks the rows it finds held.
+
+        A conflict is answered from the row the statement itself found (locked by a no-op
+        update), so a holder giving its context back meanwhile cannot leave a use unanswered.
+        """
+        firsts: dict[str, ContextUse] = {}
+        for use in uses:
+            firsts.setdefault(use.cc_jti, use)  # one row per jti per statement
+        rows = [dataclasses.astuple(use) for use in firsts.values()]
+        columns = [list(column) for column in zip(*rows, strict=True)]
         async with self._connection() as conn, conn.transaction():
             if purge_before is not None:
                 await conn.execute("DELETE FROM cc_uses WHERE expires_at < %s", (purge_before,))
             cursor = await conn.execute(_CLAIM_CONTEXTS, columns)
-            inserted = {row[0]: ContextUse(*row) for row in await cursor.fetchall()}
-            conflicts = [use.cc_jti for use in uses if use.cc_jti not in inserted]
-            holders: dict[str, ContextUse] = {}
-            if conflicts:
-                cursor = await conn.execute(
-                    f"SELECT {CONTEXT_USE_COLUMNS} FROM cc_uses "  # noqa: S608 - constants
-                    "WHERE cc_jti = ANY(%s)",
-                    (conflicts,),
-                )
-                holders = {row[0]: ContextUse(*row) for row in await cursor.fetchall()}
-        # A jti twice in one batch: the use inserted won, the other is told who holds it.
-        holders |= inserted
+            found = {
+                row[0]: (ContextUse(*row[:-1]), bool(row[-1])) for row in await cursor.fetchall()
+            }
         held: list[ContextUse | None] = []
         for use in uses:
-            won = inserted.get(use.cc_jti) == use
-            if won:
-                del inserted[use.cc_jti]  # an identical second use of the batch did not win
-            held.append(None if won else holders[use.cc_jti])
+            holder, inserted = found[use.cc_jti]
+            held.append(None if inserted and firsts[use.cc_jti] is use else holder)
         return held
 
     async def unclaim_context(self, use: ContextUse) -> None:
@@ -486,14 +484,15 @@ def _card_row(columns: tuple[Any, ...]) -> CardRow:
 
 
 _CLAIM_CONTEXTS: Final = f"""
-INSERT INTO cc_uses ({CONTEXT_USE_COLUMNS})
+INSERT INTO cc_uses AS u ({CONTEXT_USE_COLUMNS})
 SELECT * FROM unnest(
     %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[],
     %s::text[]
 )
-ON CONFLICT (cc_jti) DO NOTHING
-RETURNING {CONTEXT_USE_COLUMNS}
+ON CONFLICT (cc_jti) DO UPDATE SET holder = u.holder
+RETURNING {CONTEXT_USE_COLUMNS}, (xmax = 0)
 """  # noqa: S608 - constants
+"""Inserted rows come back with true; held ones (updated to themselves, so locked) with false."""
 
 _TAKE_FROM_BUCKET: Final = """
 INSERT INTO rate_buckets AS b (merchant_id, tokens, updated_at)

@@ -28,7 +28,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
-from pci_side.vault.audit import AuditEntry, StoredAuditEntry, chain, format_at
+from pci_side.vault.audit import (
+    AuditEntry,
+    AuditHead,
+    StoredAuditEntry,
+    chain,
+    format_at,
+    head_mac,
+)
 from pci_side.vault.errors import VaultStorageError, VaultUnavailable
 from pci_side.vault.migrations import SQLITE_MIGRATIONS
 from pci_side.vault.store import (
@@ -187,7 +194,7 @@ class SQLiteStore:
         sql = f"SELECT {AUDIT_COLUMNS} FROM audit_log ORDER BY seq DESC LIMIT ?"  # noqa: S608
         return await self._run(_audit_rows, sql, (limit,))
 
-    async def audit_head(self) -> tuple[int, str]:
+    async def audit_head(self) -> AuditHead:
         """The head row."""
         return await self._run(_audit_head)
 
@@ -532,12 +539,13 @@ def _append_audit(
     with sqlitedb.transaction(connection):
         if releases:
             _keep_releases(connection, releases, entries[0][0])
-        seq, head = _audit_head(connection)
+        seq, head, _ = _audit_head(connection)
         stored = chain(audit_key, seq, head, entries)
         connection.executemany(_INSERT_AUDIT, [_audit_values(item) for item in stored])
+        last = stored[-1]
         connection.execute(
-            "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
-            (stored[-1].seq, stored[-1].hash),
+            "UPDATE audit_head SET seq = ?, hash = ?, mac = ? WHERE id = 1",
+            (last.seq, last.hash, head_mac(audit_key, last.seq, last.hash)),
         )
     return stored
 
@@ -574,9 +582,11 @@ def _stored_entry(row: tuple[Any, ...]) -> StoredAuditEntry:
     )
 
 
-def _audit_head(connection: sqlite3.Connection) -> tuple[int, str]:
-    seq, head = connection.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-    return int(seq), str(head)
+def _audit_head(connection: sqlite3.Connection) -> AuditHead:
+    seq, head, mac = connection.execute(
+        "SELECT seq, hash, mac FROM audit_head WHERE id = 1"
+    ).fetchone()
+    return int(seq), str(head), str(mac)
 
 
 def _card_row(connection: sqlite3.Connection, card_ref: str) -> CardRow | None:

@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Final, Protocol
 
-from pci_side.vault.audit import AuditEntry, StoredAuditEntry
+from pci_side.vault.audit import AuditEntry, AuditHead, StoredAuditEntry
 from relay.secrets import Secret
 
 # Column orders both backends read rows in: one list, so the two row decoders cannot drift.
@@ -391,7 +391,7 @@ class Store(Protocol):
         """
         ...
 
-    async def audit_head(self) -> tuple[int, str]:
+    async def audit_head(self) -> AuditHead:
         """The (seq, hash) the head row records for the last entry ((0, GENESIS) when empty)."""
         ...
 

@@ -460,9 +460,8 @@ class CardVault:
         A success carries what it released: kept, sealed, in the same transaction as its record,
         so that every success in the chain can be handed back to a repeat of its request.
         """
-        check_entry(entry)
         row = None if released is None else await self._release_row(released)
-        return await self._audit.submit((self._clock(), entry, row))
+        return await self._record(entry, row)
 
     async def record_refusal(
         self,
@@ -477,8 +476,7 @@ class CardVault:
         entry = AuditEntry(
             merchant_id, card_ref, request_id, "", "", "refused", reason, actor=actor
         )
-        check_entry(entry)
-        return await self._audit.submit((self._clock(), entry, None))
+        return await self._record(entry)
 
     async def record_admin(
         self,
@@ -491,8 +489,12 @@ class CardVault:
     ) -> int:
         """Append an operator's action; detail holds counts and parameters, never card data."""
         entry = AuditEntry(merchant_id, card_ref, "", "", "", "admin", action, actor, detail)
+        return await self._record(entry)
+
+    async def _record(self, entry: AuditEntry, release: ReleaseRow | None = None) -> int:
+        """Chain one entry (checked) through the group commit; its seq."""
         check_entry(entry)
-        return await self._audit.submit((self._clock(), entry, None))
+        return await self._audit.submit((self._clock(), entry, release))
 
     async def _append_audit(self, batch: Sequence[_Append]) -> list[int]:
         """One transaction of the group commit: the entries chained, the releases kept."""
@@ -527,6 +529,10 @@ class CardVault:
                 break
             seq = rows[-1].seq
         verdict = verifier.finish(head)
+        if verdict.ok and verdict.checked == 0 and await self._store.count_cards():
+            # Every import is an audit record: cards under an empty log mean it was emptied.
+            problem = "the log is empty but the vault holds cards: it was cut off"
+            verdict = AuditVerdict(ok=False, checked=0, first_broken=1, problem=problem)
         if not verdict.ok:
             _log.error("vault_audit_broken", first_broken=verdict.first_broken)
         return verdict
@@ -560,7 +566,7 @@ class CardVault:
         """
         if not 1 <= batch_size <= MAX_PAGE:
             raise ValueError(f"batch_size must be 1 to {MAX_PAGE}")
-        head_seq, _ = await self._store.audit_head()
+        head_seq, *_ = await self._store.audit_head()
         seq = 0
         while seq < head_seq:
             rows = [

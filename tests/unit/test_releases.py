@@ -35,15 +35,16 @@ async def test_a_running_attempt_is_shared_with_a_repeat_of_the_same_request() -
 
 
 async def test_another_request_under_the_same_context_shares_nothing() -> None:
-    """A different merchant, request_id or card_ref finds no attempt to share."""
+    """A different merchant, request_id, card_ref or app finds no attempt to share."""
     releases: Releases[str] = Releases()
     releases.start("cc-1", KEY)
     others = [
         ReleaseKey("m2", "order-1", "card-1"),
         ReleaseKey("m1", "order-2", "card-1"),
         ReleaseKey("m1", "order-1", "card-2"),
+        ReleaseKey("m1", "order-1", "card-1", "another-app"),
     ]
-    assert [None, None, None] == [releases.find("cc-1", key) for key in others]
+    assert [None] * 4 == [releases.find("cc-1", key) for key in others]
 
 
 async def test_a_failed_attempt_is_forgotten_so_a_repeat_starts_afresh() -> None:
@@ -70,10 +71,22 @@ async def test_a_result_is_kept_until_its_token_expires() -> None:
     assert releases.find("cc-1", KEY) is None
 
 
-async def test_a_newer_attempt_is_not_forgotten_by_an_older_one_failing() -> None:
-    """An attempt replaced by a newer one under the same context cannot remove it."""
+async def test_another_requests_attempt_under_the_context_leaves_this_one_alone() -> None:
+    """Another request starting and failing under the same context cannot remove this entry."""
     releases: Releases[str] = Releases()
-    older = releases.start("cc-1", ReleaseKey("m1", "order-0", "card-1"))
+    running = releases.start("cc-1", KEY)
+    intruder = releases.start("cc-1", ReleaseKey("m1", "order-0", "card-1"))
+    intruder.fail(FlexUnavailable("refused"))
+    found = releases.find("cc-1", KEY)
+    assert found is running.result
+    running.finish("tt-1", keep_until=2000.0)
+    assert "tt-1" == await asyncio.wait_for(found, 5)
+
+
+async def test_a_newer_attempt_is_not_forgotten_by_an_older_one_failing() -> None:
+    """An attempt of the same request replaced by a newer one cannot remove it."""
+    releases: Releases[str] = Releases()
+    older = releases.start("cc-1", KEY)
     newer = releases.start("cc-1", KEY)
     older.fail(FlexUnavailable("Flex answered 503"))
     found = releases.find("cc-1", KEY)

@@ -20,11 +20,12 @@ from pci_side.vault.audit import (
     StoredAuditEntry,
     canonical_json,
     check_entry,
+    head_mac,
     link_hash,
 )
 from relay.config import VaultConfig
 from relay.secrets import Secret
-from tests.vault_backends import drop_audit_guards, run_sql
+from tests.vault_backends import drop_audit_guards, generated_cards, run_sql
 
 AT = dt.datetime(2025, 1, 31, 23, 59, 59, 123456, tzinfo=dt.UTC)
 KEY = Secret(bytes(range(32)))
@@ -178,6 +179,62 @@ async def test_a_rewritten_tail_is_reported_where_the_links_break(
     )
 
 
+@pytest.mark.parametrize("mac", ["kept", "plain", "emptied"])
+async def test_a_tail_cut_off_with_the_head_moved_back_is_reported(
+    vault: CardVault, vault_config: VaultConfig, mac: str
+) -> None:
+    """Rows deleted and the head pointed at the new last row: the head's MAC gives it away."""
+    await record(vault, 6)
+    drop_audit_guards(vault_config)
+    [last] = [e for e in await vault.audit_entries() if e.seq == 4]
+    run_sql(vault_config, "DELETE FROM audit_log WHERE seq >= 5")
+    [(old_mac,)] = run_sql(vault_config, "SELECT mac FROM audit_head WHERE id = 1")
+    forged = {"kept": old_mac, "plain": plain_head(4, last.hash), "emptied": ""}[mac]
+    run_sql(
+        vault_config,
+        "UPDATE audit_head SET seq = 4, hash = ?, mac = ? WHERE id = 1",
+        [last.hash, forged],
+    )
+    verdict = await vault.verify_audit()
+    assert (False, 5) == (verdict.ok, verdict.first_broken)
+    assert "not written with the audit key" in verdict.problem
+
+
+async def test_a_head_moved_back_with_the_audit_key_verifies(
+    vault: CardVault, vault_config: VaultConfig
+) -> None:
+    """The check above rests on the key alone: with it, the same cut goes unseen."""
+    await record(vault, 6)
+    drop_audit_guards(vault_config)
+    [last] = [e for e in await vault.audit_entries() if e.seq == 4]
+    run_sql(vault_config, "DELETE FROM audit_log WHERE seq >= 5")
+    mac = head_mac(vault_config.audit_key, 4, last.hash)
+    run_sql(
+        vault_config,
+        "UPDATE audit_head SET seq = 4, hash = ?, mac = ? WHERE id = 1",
+        [last.hash, mac],
+    )
+    verdict = await vault.verify_audit()
+    assert (True, 4) == (verdict.ok, verdict.checked)
+
+
+async def test_a_log_emptied_under_cards_is_reported(
+    vault: CardVault, vault_config: VaultConfig
+) -> None:
+    """Emptied and its head reset to genesis, the log of a vault holding cards does not verify."""
+    await vault.import_cards(generated_cards(1))
+    await record(vault, 2)
+    drop_audit_guards(vault_config)
+    run_sql(vault_config, "DELETE FROM audit_log")
+    run_sql(
+        vault_config,
+        "UPDATE audit_head SET seq = 0, hash = ?, mac = '' WHERE id = 1",
+        [GENESIS_HASH],
+    )
+    verdict = await vault.verify_audit()
+    assert (False, 1, 0) == (verdict.ok, verdict.first_broken, verdict.checked)
+
+
 async def test_entries_cut_off_the_end_are_reported(
     vault: CardVault, vault_config: VaultConfig
 ) -> None:
@@ -215,7 +272,18 @@ def keyed(key: Secret[bytes]) -> Link:
     return lambda prev, seq, at, item: link_hash(key, prev, seq, at, item)
 
 
-async def rewrite_from(vault: CardVault, config: VaultConfig, first: int, link: Link) -> None:
+def plain_head(seq: int, hash_: str) -> str:
+    """A head MAC as an attacker without the key could compute one."""
+    return hashlib.sha256(f"audit-head\n{seq}\n{hash_}".encode()).hexdigest()
+
+
+async def rewrite_from(
+    vault: CardVault,
+    config: VaultConfig,
+    first: int,
+    link: Link,
+    head: Callable[[int, str], str] = plain_head,
+) -> None:
     """Drop the guards, forge every row from seq first on and the head, re-linking with link."""
     drop_audit_guards(config)
     rows = sorted(await vault.audit_entries(), key=lambda stored: stored.seq)
@@ -223,7 +291,11 @@ async def rewrite_from(vault: CardVault, config: VaultConfig, first: int, link: 
     for stored in rows[first - 1 :]:
         forged = dataclasses.replace(stored.entry, outcome="failure", reason="FORGED")
         prev = forge_row(config, stored, forged, prev, link(prev, stored.seq, stored.at, forged))
-    run_sql(config, "UPDATE audit_head SET hash = ? WHERE id = 1", [prev])
+    run_sql(
+        config,
+        "UPDATE audit_head SET hash = ?, mac = ? WHERE id = 1",
+        [prev, head(rows[-1].seq, prev)],
+    )
 
 
 def forge_row(
@@ -261,7 +333,8 @@ async def test_the_same_rewrite_with_the_audit_key_verifies(
 ) -> None:
     """With the key the forgery is undetectable: the keyed test above rests on the key alone."""
     await record(vault, 6)
-    await rewrite_from(vault, vault_config, 4, keyed(vault_config.audit_key))
+    key = vault_config.audit_key
+    await rewrite_from(vault, vault_config, 4, keyed(key), lambda *head: head_mac(key, *head))
     verdict = await vault.verify_audit(batch_size=4)
     outcomes = [stored.entry.outcome for stored in await vault.audit_entries()]
     assert (True, 6, ["failure"] * 3 + ["success"] * 3) == (verdict.ok, verdict.checked, outcomes)
