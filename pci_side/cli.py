@@ -19,7 +19,7 @@ from importlib import resources
 
 import structlog
 
-from pci_side.presence import Presence
+from pci_side.presence import Presence, new_instance_id
 from pci_side.server import PciRelayService
 from pci_side.tokenize import Tokenizer
 from pci_side.vault import CardVault, NewCard, open_vault
@@ -155,14 +155,16 @@ async def running(config: PciConfig) -> AsyncIterator[Served]:
     is audited) before the vault closes.
     """
     async with await open_vault(config.vault) as vault, new_http_client(config.flex) as http:
+        presence = Presence(vault, new_instance_id())
         tokenizer = Tokenizer(
             vault,
             FlexClient(http, config.flex),
             Rate(config.rate_per_second, config.rate_burst),
             receipts=ReceiptSigner(config.receipt_key.get_secret_value()),
+            presence=presence,
         )
         # Beating before serving: a context this process claims is never held by the silent.
-        async with Presence(vault, tokenizer.instance_id):
+        async with presence:
             draining = asyncio.Event()
             service = PciRelayService(
                 tokenizer,

@@ -22,6 +22,9 @@ from relay.errors import RelayError
 BEAT_SECONDS: Final = 2.0
 DEAD_AFTER_SECONDS: Final = 8.0
 """Four beats missed: well past a busy machine's stall, well within a caller's deadline."""
+SEND_WITHIN_SECONDS: Final = 5.0
+"""A process sends a card only this soon after a beat that got through: well before the
+others may take it for dead, even counting a beat that took its time to land."""
 _log = structlog.get_logger("pci_side.presence")
 
 
@@ -38,10 +41,20 @@ class Presence:
         self._vault = vault
         self.instance_id = instance_id
         self._task: asyncio.Task[None] | None = None
+        self._last_beat = float("-inf")
+        """Event-loop time at which the last beat that got through was sent."""
+
+    def may_send(self) -> bool:
+        """Whether the others still take this process for alive, with room to spare.
+
+        Checked just before a card leaves: a process that stalled, or lost the vault, long
+        enough for its contexts to be taken over must not send under them any more.
+        """
+        return asyncio.get_running_loop().time() - self._last_beat < SEND_WITHIN_SECONDS
 
     async def __aenter__(self) -> Self:
         """The first beat is written before the process serves."""
-        await self._vault.beat(self.instance_id)
+        await self._beat()
         self._task = asyncio.create_task(self._beating(), name="pci-presence")
         return self
 
@@ -54,11 +67,16 @@ class Presence:
         with contextlib.suppress(RelayError):
             await self._vault.leave(self.instance_id)
 
+    async def _beat(self) -> None:
+        sent = asyncio.get_running_loop().time()
+        await self._vault.beat(self.instance_id)
+        self._last_beat = sent
+
     async def _beating(self) -> None:
         while True:
             await asyncio.sleep(BEAT_SECONDS)
             try:
-                await self._vault.beat(self.instance_id)
+                await self._beat()
             except RelayError as exc:
                 _log.warning("pci_presence_beat_failed", reason=exc.reason)
 

@@ -32,7 +32,7 @@ import time
 
 import structlog
 
-from pci_side.presence import holder_alive, instance_of, new_instance_id
+from pci_side.presence import Presence, holder_alive, instance_of, new_instance_id
 from pci_side.releases import Release, ReleaseKey, Releases
 from pci_side.vault import AuditEntry, CardVault, ContextUse, Released
 from relay.errors import (
@@ -43,6 +43,7 @@ from relay.errors import (
     NotGranted,
     OutcomeUnknown,
     RelayError,
+    Unavailable,
     Withdrawn,
 )
 from relay.flex.client import FlexClient
@@ -100,7 +101,7 @@ class Tokenizer:
         *,
         receipts: ReceiptSigner,
         releases: Releases[IssuedToken] | None = None,
-        instance_id: str | None = None,
+        presence: Presence | None = None,
     ) -> None:
         """Share one vault, one Flex client, one release map; limit is per merchant.
 
@@ -111,7 +112,8 @@ class Tokenizer:
         self._vault = vault
         self._flex = flex
         self._limit = limit
-        self.instance_id = instance_id if instance_id is not None else new_instance_id()
+        self._presence = presence
+        self.instance_id = presence.instance_id if presence is not None else new_instance_id()
         """This process, as the holder of the contexts it claims (presence.py beats for it)."""
         self._attempt_numbers = itertools.count(1)
         self._releases: Releases[IssuedToken] = releases if releases is not None else Releases()
@@ -272,6 +274,9 @@ class Tokenizer:
                 card = await self._vault.load_card(request.card_ref, merchant_id)
                 jwe = self._flex.encrypt_card(ctx, card)
                 del card  # the clear card lives no longer than the encryption
+                if self._presence is not None and not self._presence.may_send():
+                    # Others may take this process for dead, and its context for theirs.
+                    raise Unavailable("this replica lost touch with the vault: send it again")
                 await self._audit(attempt, "started", "")
         except TimeoutError:
             raise _too_late(request) from None

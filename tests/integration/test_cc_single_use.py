@@ -18,6 +18,8 @@ from typing import Any
 import grpc
 import pytest
 
+from pci_side.presence import Presence
+from pci_side.tokenize import Tokenizer, TokenizeRequest
 from pci_side.vault import AuditEntry, CardVault, ContextUse, open_vault
 from relay import rpc
 from relay.config import VaultConfig
@@ -27,9 +29,13 @@ from relay.errors import (
     FlexRejected,
     OutcomeUnknown,
     RelayError,
+    Unavailable,
 )
+from relay.flex.client import FlexClient, new_http_client
 from relay.flex.models import CaptureContext
 from relay.pb.v1 import pci_relay_pb2
+from relay.ratelimit import Rate
+from relay.receipts import ReceiptSigner
 from tests.integration import pci_rig as rig_fixtures
 from tests.integration.pci_rig import (
     BETA_ONLY,
@@ -251,3 +257,27 @@ async def test_one_claim_wins_within_one_replicas_batch(two_vaults: tuple[CardVa
     assert [None, winner] == await asyncio.gather(
         vault.claim_context(fresh), vault.claim_context(uses[0])
     )
+
+
+async def test_a_replica_out_of_touch_with_the_vault_sends_nothing(pci_rig: PciRig):
+    """No beat got through lately: the card is not sent, and the context is given back."""
+    silent = Presence(pci_rig.vault, "pci-silent")  # never entered: it never beat
+    async with new_http_client(pci_rig.config.flex) as http:
+        tokenizer = Tokenizer(
+            pci_rig.vault,
+            FlexClient(http, pci_rig.config.flex),
+            Rate(100, 100),
+            receipts=ReceiptSigner(pci_rig.config.receipt_key.get_secret_value()),
+            presence=silent,
+        )
+        raw, ctx = await pci_rig.context()
+        with pytest.raises(Unavailable):
+            await tokenizer.tokenize(MERCHANT, TokenizeRequest("r-silent", raw, VISA.card_ref))
+    [stored] = await pci_rig.vault.audit_entries(limit=1)
+    assert ("failure", "UNAVAILABLE", ctx.jti) == (
+        stored.entry.outcome,
+        stored.entry.reason,
+        stored.entry.cc_jti,
+    )
+    result = await pci_rig.stub().Tokenize(pci_rig.request(VISA.card_ref, raw, "r-live"))
+    assert result.HasField("token")  # the context was given back, unsent
