@@ -32,6 +32,9 @@ class _Server(uvicorn.Server):
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+                # The server has stopped and the process is on its way out: a signal now (a
+                # supervisor asking twice) must not turn that clean exit into a kill.
+                signal.signal(sig, signal.SIG_IGN)
 
     def _request_exit(self) -> None:
         self.force_exit = self.should_exit

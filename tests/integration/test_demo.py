@@ -287,6 +287,12 @@ def test_demo_tokenizes_every_card_and_shows_only_masked_data(
     assert card.masked_pan == number["maskedValue"]
     assert TOKEN_LIFETIME == claims["exp"] - claims["iat"]  # type: ignore[operator]
     assert rows[card_ref][2] == f"{claims['jti']!s:.20}..."
+    # One receipt, checked against the PCI side's public key, for one of the tokens shown.
+    verified = re.findall(
+        r"^receipt verified: request_id=\S+ tt_jti=(\S+)$", run.stdout, re.MULTILINE
+    )
+    assert 1 == len(verified)
+    assert f"{verified[0]:.20}..." in {row[2] for row in rows.values()}
     rate = _RATE_LINE.search(run.stdout)
     assert rate is not None, "no tokens/s line"
     assert (len(cards), 0) == (int(rate["ok"]), int(rate["failed"]))

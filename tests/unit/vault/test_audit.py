@@ -25,7 +25,7 @@ from pci_side.vault.audit import (
 )
 from relay.config import VaultConfig
 from relay.secrets import Secret
-from tests.vault_backends import drop_audit_guards, generated_cards, run_sql
+from tests.vault_backends import drop_audit_guards, run_sql
 
 AT = dt.datetime(2025, 1, 31, 23, 59, 59, 123456, tzinfo=dt.UTC)
 KEY = Secret(bytes(range(32)))
@@ -216,23 +216,6 @@ async def test_a_head_moved_back_with_the_audit_key_verifies(
     )
     verdict = await vault.verify_audit()
     assert (True, 4) == (verdict.ok, verdict.checked)
-
-
-async def test_a_log_emptied_under_cards_is_reported(
-    vault: CardVault, vault_config: VaultConfig
-) -> None:
-    """Emptied and its head reset to genesis, the log of a vault holding cards does not verify."""
-    await vault.import_cards(generated_cards(1))
-    await record(vault, 2)
-    drop_audit_guards(vault_config)
-    run_sql(vault_config, "DELETE FROM audit_log")
-    run_sql(
-        vault_config,
-        "UPDATE audit_head SET seq = 0, hash = ?, mac = '' WHERE id = 1",
-        [GENESIS_HASH],
-    )
-    verdict = await vault.verify_audit()
-    assert (False, 1, 0) == (verdict.ok, verdict.first_broken, verdict.checked)
 
 
 async def test_entries_cut_off_the_end_are_reported(
