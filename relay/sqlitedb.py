@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from typing import Final
 
 from relay.errors import ConfigError
 
-__all__ = ["URL_PREFIX", "Migrations", "migrate", "sqlite_path", "transaction"]
+__all__ = ["URL_PREFIX", "Migrations", "migrate", "sqlite_path", "transaction", "use_wal"]
 
 URL_PREFIX: Final = "sqlite:///"
 
@@ -31,6 +32,23 @@ def sqlite_path(url: str, variable: str) -> str:
     if not url.startswith(URL_PREFIX) or path in {"", ":memory:"}:
         raise ConfigError([f"{variable} must be sqlite:///PATH for a SQLite file"])
     return path
+
+
+def use_wal(connection: sqlite3.Connection, *, busy_seconds: float = 5.0) -> None:
+    """Put the file in WAL mode (once: the mode is kept in the file).
+
+    Switching needs the file to itself, and SQLite answers "database is locked" at once, not
+    after its busy timeout, when another connection is writing: processes opening a new file
+    together retry here, on their own thread, until one of them has switched it.
+    """
+    deadline = time.monotonic() + busy_seconds
+    while connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -417,7 +417,7 @@ def _connect(path: str) -> sqlite3.Connection:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     # isolation_level=None: no implicit transactions; a read-then-write says BEGIN IMMEDIATE.
     connection = sqlite3.connect(path, isolation_level=None)
-    connection.execute("PRAGMA journal_mode = WAL")
+    sqlitedb.use_wal(connection)
     connection.execute("PRAGMA synchronous = FULL")
     return connection
 

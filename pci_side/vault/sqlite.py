@@ -286,7 +286,7 @@ def _connect(path: str) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
     connection = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    connection.execute("PRAGMA journal_mode = WAL")
+    sqlitedb.use_wal(connection, busy_seconds=BUSY_TIMEOUT_MS / 1000)
     connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA foreign_keys = ON")
     return connection
