@@ -94,6 +94,11 @@ def issue_app(ca: Issued, app_id: str) -> Issued:
     return _issue_named(ca, APP_URI_PREFIX, app_id)
 
 
+def issue_nameless_client(ca: Issued, common_name: str) -> Issued:
+    """A client certificate with no SAN, only a CN: what must never pass for an identity."""
+    return _issue(ca, common_name, [], ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
 def _issue_named(ca: Issued, prefix: str, name: str) -> Issued:
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(prefix + name)]
     return _issue(ca, name, sans, ExtendedKeyUsageOID.CLIENT_AUTH)
@@ -107,7 +112,7 @@ def _issue(
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
@@ -115,16 +120,16 @@ def _issue(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(ca_cert.not_valid_after_utc)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
-    return Issued(_cert_pem(cert), _key_pem(key))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return Issued(_cert_pem(builder.sign(ca_key, hashes.SHA256())), _key_pem(key))
 
 
 def merchant_from_cert(cert_pem: bytes) -> str | None:

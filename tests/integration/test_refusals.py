@@ -3,7 +3,6 @@ also a `refused` audit record; gRPC C-core's own lines reach stderr only as JSON
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from pathlib import Path
@@ -12,9 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 from relay import rpc, tlsgen
 from relay.errors import CardNotFound, InvalidRequest, PermissionDenied
@@ -71,26 +68,7 @@ def fingerprint(issued: tlsgen.Issued) -> str:
 
 def cert_without_san(ca: tlsgen.Issued) -> tlsgen.Issued:
     """A client certificate from the rig's CA that names no one in a SAN (only a CN)."""
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MERCHANT)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return tlsgen.Issued(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+    return tlsgen.issue_nameless_client(ca, MERCHANT)
 
 
 async def refused_call(call: Any) -> Rejection:
