@@ -296,8 +296,10 @@ class Tokenizer:
             _log.info("tokenize_failed", reason=exc.reason, ms=_ms(started))
             raise
         except BaseException:
+            # Not a definite failure (a crash or a stop mid-POST: Flex may have answered), so
+            # the context is not marked failed; the request's repeat is handled as if this
+            # process had died with it.
             await asyncio.shield(self._audit(attempt, "failure", "INTERNAL"))
-            await asyncio.shield(self._vault.fail_context(ctx.jti, "INTERNAL"))
             raise
         attempt.entry = dataclasses.replace(attempt.entry, tt_jti=token.jti)
         entry = attempt.entry
