@@ -273,6 +273,7 @@ class Tokenizer:
             async with asyncio.timeout_at(request.send_by):
                 card = await self._vault.load_card(request.card_ref, merchant_id)
                 jwe = self._flex.encrypt_card(ctx, card)
+                attempt.held_security_code = card.security_code is not None
                 del card  # the clear card lives no longer than the encryption
                 if self._presence is not None and not self._presence.may_send():
                     # Others may take this process for dead, and its context for theirs.
@@ -310,7 +311,8 @@ class Tokenizer:
             token.expires_at,
         )  # fmt: skip
         await self._audit(attempt, "success", "", released)
-        await self._vault.security_code_used(entry.card_ref)
+        if attempt.held_security_code:  # the CVV policy has nothing to do (or read) otherwise
+            await self._vault.security_code_used(entry.card_ref)
         _log.info("tokenized", tt_jti=token.jti, ms=_ms(started))
         receipt = self._receipt(attempt, token.raw)
         return IssuedToken(entry.request_id, token.raw, token.jti, token.expires_at, receipt)
@@ -347,7 +349,7 @@ class Tokenizer:
         entry = attempt.entry
         claims = Receipt(
             merchant=entry.merchant_id,
-            app=attempt.entry.actor,
+            app=entry.actor,
             request_id=entry.request_id,
             card_ref=entry.card_ref,
             cc_jti=entry.cc_jti,
@@ -365,6 +367,8 @@ class _Attempt:
     entry: AuditEntry
     use: ContextUse | None = None
     """The context use this attempt holds, once claimed."""
+    held_security_code: bool = False
+    """Whether the card it sent had a CVV (the vault's CVV policy applies then)."""
 
 
 def _settle(release: Release[IssuedToken], done: asyncio.Task[IssuedToken]) -> None:
