@@ -60,7 +60,7 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
         self, request: merchant_gateway_pb2.CreateSessionRequest, context: Context
     ) -> merchant_gateway_pb2.CreateSessionResponse:
         """A verified capture context, its jti and expiry."""
-        self._limiter.acquire(self._app(context))
+        self._admitted(context)
         ctx = await self._gateway.create_session(_fields(request.fields))
         return merchant_gateway_pb2.CreateSessionResponse(
             capture_context=ctx.raw, jti=ctx.jti, expires_at=_timestamp(ctx.expires_at)
@@ -71,8 +71,7 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
         self, request: merchant_gateway_pb2.TokenRequest, context: Context
     ) -> merchant_gateway_pb2.TokenResult:
         """The whole flow for one card; failures are statuses with a relay-reason."""
-        app_id = self._app(context)
-        self._limiter.acquire(app_id)
+        app_id = self._admitted(context)
         record = await self._gateway.request_token(
             _domain(request, app_id), self._pci, deadline=context.time_remaining()
         )
@@ -116,12 +115,17 @@ class MerchantGatewayService(merchant_gateway_pb2_grpc.MerchantGatewayServicer):
         self, request: merchant_gateway_pb2.GetTokenRequest, context: Context
     ) -> merchant_gateway_pb2.TokenResult:
         """The caller's recorded token for a request_id while it lives, else NOT_FOUND."""
-        app_id = self._app(context)
-        self._limiter.acquire(app_id)
+        app_id = self._admitted(context)
         return _result(await self._gateway.get_token(app_id, request.request_id))
 
     def _app(self, context: Context) -> str:
         return app_from_context(context, insecure_dev=self._insecure_dev)
+
+    def _admitted(self, context: Context) -> str:
+        """The calling app, once one call of its rate is taken (RateLimited if none is left)."""
+        app_id = self._app(context)
+        self._limiter.acquire(app_id)
+        return app_id
 
     async def _one_of_many(
         self,
