@@ -355,6 +355,7 @@ class CardVault:
         try:
             stripped = without_security_code(row, kek)
         except VaultIntegrityError:
+            await self._key_checks.explain(row.key_version, kek)  # a wrong key is not tampering
             _log.error("vault_integrity_failure", card_ref=row.card_ref)
             raise
         return CodeRemoval(row.card_ref, row.ciphertext, stripped.ciphertext)
