@@ -12,10 +12,15 @@ DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
 all: test
 
-$(STAMP): pyproject.toml
+# The repository builds four distributions: the core with the merchant app's client (.), the
+# merchant zone (merchant_side/), the PCI zone (pci_side/) and the developer tools (relay/dev/).
+# Development installs all four, editable.
+DISTS := pyproject.toml merchant_side/pyproject.toml pci_side/pyproject.toml relay/dev/pyproject.toml
+
+$(STAMP): $(DISTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev]' -e ./merchant_side -e ./pci_side -e ./relay/dev
 	touch $@
 
 # The official Cybersource SDK lives in its own virtualenv (it needs an old setuptools).

@@ -15,7 +15,7 @@ import grpc
 
 from relay.errors import PermissionDenied
 from relay.ids import is_valid_id
-from relay.tlsgen import app_from_cert
+from relay.peers import app_from_cert
 
 DEV_APP: Final = "dev-app"
 """The app of every call under --insecure-dev."""

@@ -41,6 +41,7 @@ from pci_side.cards_import import (
     read_lines,
     read_rows,
 )
+from pci_side.progress import Progress
 from pci_side.vault import (
     CARD_REF_CONFLICT,
     CREATED,
@@ -60,7 +61,6 @@ from relay.config import EnvReader, VaultSettings, log_level
 from relay.errors import RelayError
 from relay.ids import IdKind, id_problem
 from relay.logging import configure_logging
-from relay.progress import Progress
 
 T = TypeVar("T")
 Command = Callable[[argparse.Namespace], int]

@@ -14,7 +14,7 @@ import grpc
 
 from relay.errors import PermissionDenied
 from relay.ids import is_valid_id
-from relay.tlsgen import merchant_from_cert
+from relay.peers import merchant_from_cert
 
 MERCHANT_METADATA_KEY = "x-relay-merchant-id"
 

@@ -16,9 +16,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from relay.dev.flexsim import jwt
+from relay.dev.flexsim.keys import new_rsa_key
 from relay.flex import fields
-from relay.flexsim import jwt
-from relay.flexsim.keys import new_rsa_key
 
 ORIGIN = "https://flex.test"
 NOW = 1_800_000_000

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from relay import tlsgen
+from relay.dev import tlsgen
 
 REPO = Path(__file__).resolve().parents[2]
 SDK_REQUIREMENTS = REPO / "scripts" / "sdk_requirements.txt"

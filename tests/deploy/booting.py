@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from merchant_side.client import MerchantClient, Token
-from relay.procs import Child
+from relay.client import MerchantClient, Token
+from relay.dev.procs import Child
 from tests.cards_testdata import assert_no_test_pans
 from tests.deploy.local_pods import LocalCluster, LocalContainer, LocalPod
 from tests.deploy.secret_files import TestSecrets

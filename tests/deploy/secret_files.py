@@ -2,7 +2,7 @@
 
 Each Secret is keyed by (namespace, name) and holds files by key, exactly as the README's
 `kubectl create secret generic ... --from-file=KEY=...` commands create them. The certificates
-come from relay.tlsgen, one CA per trust relation, so a manifest that mounts the wrong CA (or
+come from relay.dev.tlsgen, one CA per trust relation, so a manifest that mounts the wrong CA (or
 the wrong certificate) fails the TLS handshake of the boot test instead of passing by luck.
 """
 
@@ -13,7 +13,7 @@ import re
 import secrets
 from collections.abc import Mapping
 
-from relay import tlsgen
+from relay.dev import tlsgen
 from relay.receipts import generate_receipt_key
 from tests.deploy.manifests import DEPLOY, ManifestError, Manifests, Workload
 

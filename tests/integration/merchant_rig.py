@@ -2,8 +2,8 @@
 
 The simulator is a child process (`relay flexsim serve`); PciRelay and the MerchantGateway run
 in the test's event loop through the code their `serve` commands run (`pci_side.cli.running`,
-`merchant_side.cli.running`), each on 127.0.0.1 port 0 with certificates from relay.tlsgen. A
-test talks to the gateway as a merchant app does, through `merchant_side.client.MerchantClient`.
+`merchant_side.cli.running`), each on 127.0.0.1 port 0 with certificates from relay.dev.tlsgen. A
+test talks to the gateway as a merchant app does, through `relay.client.MerchantClient`.
 A test module takes the fixtures by assigning them to module names::
 
     from tests.integration import merchant_rig as rig_fixtures
@@ -48,10 +48,10 @@ import grpc
 import pytest
 
 from merchant_side.cli import running
-from merchant_side.client import MerchantClient
 from pci_side.vault import AuditEntry, CardVault
-from relay import tlsgen
+from relay.client import MerchantClient
 from relay.config import MerchantConfig, PciClientConfig
+from relay.dev import tlsgen
 from relay.pb.v1 import merchant_gateway_pb2_grpc
 from relay.secrets import Secret
 from relay.serving import Served

@@ -2,7 +2,7 @@
 
 A test gets a `Parties` (the `parties` fixture): certificates, keys and a seeded SQLite vault
 in a temp dir, the simulator it was given, and methods to start PciRelay and gateways as `relay`
-child processes (relay.procs.Child), kill or stop them, and read the audit chain from the
+child processes (relay.dev.procs.Child), kill or stop them, and read the audit chain from the
 vault's own file. Outcomes are counted where they are recorded: the audit chain (one `success`
 record per tokenization) and what each gateway answered.
 """
@@ -22,10 +22,10 @@ from typing import Any
 import grpc
 
 from pci_side.vault import StoredAuditEntry, open_vault
-from relay import stack
 from relay.config import VaultSettings
+from relay.dev import stack
+from relay.dev.procs import Child
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
-from relay.procs import Child
 from tests.cards_testdata import assert_no_test_pans
 from tests.integration.conftest import KEY_ID, MERCHANT_ID, SECRET_B64, FlexSim
 

@@ -16,7 +16,7 @@ The fixtures:
 
 - ``pci_pki`` (session): a test CA, a server certificate for localhost and 127.0.0.1, and
   client certificates minted per merchant on demand (``pci_pki.client("m-alpha")``); a second,
-  unknown CA is one ``relay.tlsgen.new_ca()`` away.
+  unknown CA is one ``relay.dev.tlsgen.new_ca()`` away.
 - ``pci_flexsim`` (module): a simulator with a one-time key pool of 256, so that a test asking
   for hundreds of capture contexts finds most of them ready.
 - ``make_pci_rig`` (function): ``await make_pci_rig(sim, **settings)`` starts a PciRelay in the
@@ -50,9 +50,9 @@ import pytest
 
 from pci_side.cli import running
 from pci_side.vault import CardVault, NewCard, open_vault
-from relay import tlsgen
 from relay.cards import AMEX, CardData, Pan, SecurityCode
 from relay.config import FlexConfig, PciConfig, ServerConfig, VaultConfig
+from relay.dev import tlsgen
 from relay.flex.client import FlexClient, new_http_client
 from relay.flex.fields import DEFAULT_FIELDS, FieldSpec
 from relay.flex.models import CaptureContext

@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from merchant_side.cli import running
-from merchant_side.client import MerchantClient, Request
 from merchant_side.identity import DEV_APP
-from relay import tlsgen
+from relay.client import MerchantClient, Request
 from relay.config import MerchantConfig, PciClientConfig, ServerConfig
+from relay.dev import tlsgen
 from relay.errors import RateLimited, TokenNotFound
 from relay.pb.v1 import merchant_gateway_pb2
 from relay.secrets import Secret

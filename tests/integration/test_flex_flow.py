@@ -20,6 +20,9 @@ from joserfc.jwk import RSAKey
 
 from relay.cards import AMEX, DINERS, DISCOVER, JCB, MASTERCARD, VISA
 from relay.config import FlexConfig, FlexCredentials
+from relay.dev.flexsim.app import FlexSimulator, build_app
+from relay.dev.flexsim.auth import MerchantKey
+from relay.dev.flexsim.keys import SigningKey, new_rsa_key
 from relay.errors import CaptureContextInvalid
 from relay.flex import jose
 from relay.flex.client import FlexClient
@@ -32,9 +35,6 @@ from relay.flex.fields import (
     FieldSpec,
 )
 from relay.flex.keys import PublicKeyStore
-from relay.flexsim.app import FlexSimulator, build_app
-from relay.flexsim.auth import MerchantKey
-from relay.flexsim.keys import SigningKey, new_rsa_key
 from relay.secrets import Secret
 from tests.cards_testdata import TEST_CARDS, CardVector
 from tests.integration.conftest import (

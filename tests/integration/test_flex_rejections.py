@@ -23,6 +23,8 @@ from joserfc import jws as rfc_jws
 from joserfc.jwk import RSAKey
 
 from relay.config import FlexConfig, FlexCredentials
+from relay.dev.flexsim.app import FlexSimulator, build_app
+from relay.dev.flexsim.auth import MerchantKey
 from relay.errors import (
     CaptureContextExpired,
     CaptureContextInvalid,
@@ -35,8 +37,6 @@ from relay.errors import (
 from relay.flex.fields import CARD_NUMBER, CARD_SECURITY_CODE, FieldSpec
 from relay.flex.models import CaptureContext
 from relay.flex.signing import HTTPSignatureAuth
-from relay.flexsim.app import FlexSimulator, build_app
-from relay.flexsim.auth import MerchantKey
 from relay.secrets import Secret
 from tests.cards_testdata import TEST_CARDS, assert_no_test_pans
 from tests.integration.conftest import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay import tlsgen
+from relay.dev import tlsgen
 from relay.errors import FlexUnavailable
 from tests.cards_testdata import TEST_CARDS
 from tests.integration.conftest import (

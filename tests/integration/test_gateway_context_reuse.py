@@ -20,9 +20,9 @@ from merchant_side.gateway import Gateway, TokenRequest
 from merchant_side.ledger import MemoryLedger
 from merchant_side.pci_client import PciClient, PciLink, PciToken, open_channel
 from pci_side.vault import AuditEntry
+from relay.dev.flexsim import jwt
 from relay.errors import FlexUnavailable, RelayError
 from relay.flex.client import FlexClient, new_http_client
-from relay.flexsim import jwt
 from tests.integration import merchant_rig as rig_fixtures
 from tests.integration.merchant_rig import MerchantRig
 from tests.integration.pci_rig import NETWORK_CARDS

@@ -1,6 +1,6 @@
 """The three parties end to end on loopback: simulator, PciRelay and MerchantGateway over mTLS.
 
-A merchant app calls the gateway through `merchant_side.client.MerchantClient`; the gateway
+A merchant app calls the gateway through `relay.client.MerchantClient`; the gateway
 creates Flex sessions, PciRelay tokenizes cards from its vault, and the PCI side's audit log is
 the witness of how many tokenizations really happened (tests/integration/merchant_rig.py).
 """
@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from merchant_side.client import Outcome, Request, Token
+from relay.client import Outcome, Request, Token
 from relay.errors import (
     CardNotFound,
     DeadlineExceeded,

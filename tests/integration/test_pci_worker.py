@@ -35,9 +35,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pci_side.vault import AuditEntry, CardVault, open_vault
-from relay import rpc, tlsgen
+from relay import rpc
 from relay.cards import SecurityCode
 from relay.config import VaultConfig
+from relay.dev import tlsgen
+from relay.dev.flexsim import jwt
+from relay.dev.flexsim.keys import new_rsa_key
 from relay.errors import (
     CaptureContextExpired,
     CaptureContextInvalid,
@@ -60,8 +63,6 @@ from relay.flex.fields import (
     FieldSpec,
 )
 from relay.flex.models import CaptureContext
-from relay.flexsim import jwt
-from relay.flexsim.keys import new_rsa_key
 from relay.pb.v1 import pci_relay_pb2, pci_relay_pb2_grpc
 from relay.receipts import ReceiptSigner, generate_receipt_key, verify_receipt
 from tests.cards_testdata import assert_no_test_pans

@@ -13,10 +13,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from relay import rpc, tlsgen
+from relay import rpc
+from relay.dev import tlsgen
+from relay.dev.procs import Child
 from relay.errors import CardNotFound, InvalidRequest, PermissionDenied
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc, pci_relay_pb2_grpc
-from relay.procs import Child
 from tests.integration import merchant_rig as merchant_fixtures
 from tests.integration import pci_rig as rig_fixtures
 from tests.integration.conftest import FlexSim

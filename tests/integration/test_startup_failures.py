@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pci_side.vault import open_vault
-from relay import tlsgen
 from relay.config import VaultSettings
+from relay.dev import tlsgen
+from relay.dev.procs import Child
 from relay.errors import ConfigError
-from relay.procs import Child
 from relay.serving import bind_problem, new_server
 from relay.tlsfiles import check_ca_bundle, check_key_pair
 from tests.integration.pci_rig import write_receipt_key

@@ -151,7 +151,7 @@ def test_every_module_keeps_the_rule(rule: Rule):
         ("reveal", "pci_side/vault/store.py", "f(code.reveal())\n"),
         ("reveal", "merchant_side/sessions.py", "x = y().reveal()\n"),
         ("print", "relay/flex/client.py", "print('debug')\n"),
-        ("print", "relay/flexsim/app.py", "def f():\n    print(1, file=None)\n"),
+        ("print", "relay/dev/flexsim/app.py", "def f():\n    print(1, file=None)\n"),
     ],
 )
 def test_each_rule_catches_a_violation(rule: str, path: str, source: str):
@@ -170,8 +170,8 @@ def test_each_rule_catches_a_violation(rule: str, path: str, source: str):
         ("reveal", "pci_side/vault/envelope.py", "f(card.security_code.reveal())\n"),
         ("reveal", "relay/cards.py", "class Pan:\n    def reveal(self):\n        return 1\n"),
         ("print", "relay/cli.py", "print('relay: bad', file=sys.stderr)\n"),
-        ("print", "relay/flexsim/cli.py", "print('listening')\n"),
-        ("print", "relay/demo.py", "print('step 1')\n"),
+        ("print", "relay/dev/flexsim/cli.py", "print('listening')\n"),
+        ("print", "relay/dev/demo.py", "print('step 1')\n"),
         ("print", "pci_side/cli.py", "print('card_ref')\n"),
         ("print", "relay/flex/client.py", "log.info('print')\n"),
     ],

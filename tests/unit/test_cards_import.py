@@ -19,8 +19,8 @@ from pci_side.cards_import import (
     read_lines,
     read_rows,
 )
+from pci_side.progress import Progress
 from relay import cards
-from relay.progress import Progress
 from tests.cards_testdata import TEST_CARDS, TEST_CVVS
 
 TODAY = dt.date(2025, 6, 15)

@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.cards import CardData, Pan, SecurityCode
+from relay.dev.flexsim import jwt
 from relay.errors import (
     CaptureContextExpired,
     CaptureContextInvalid,
@@ -16,7 +17,6 @@ from relay.errors import (
     TransientTokenInvalid,
 )
 from relay.flex import fields, jose
-from relay.flexsim import jwt
 from tests import fakes
 
 ORIGINS = frozenset({fakes.ORIGIN})

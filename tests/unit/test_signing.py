@@ -9,6 +9,7 @@ import hmac
 import httpx
 import pytest
 
+from relay.dev.flexsim.auth import AuthFailure, MerchantKey, verify_request
 from relay.flex.signing import (
     HTTPSignatureAuth,
     body_digest,
@@ -16,7 +17,6 @@ from relay.flex.signing import (
     parse_signature_header,
     signing_string,
 )
-from relay.flexsim.auth import AuthFailure, MerchantKey, verify_request
 
 SECRET_B64 = "c2VjcmV0LWtleS1mb3ItdGVzdGluZy0zMi1ieXRlcyE="
 BODY = b'{"fields": {"paymentInformation": {"card": {"number": {}}}}}'

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from cryptography import x509
 
-from relay import tlsgen
+from relay import peers
+from relay.dev import tlsgen
 
 
 def test_client_certificate_names_its_merchant() -> None:
@@ -13,14 +14,14 @@ def test_client_certificate_names_its_merchant() -> None:
     client = tlsgen.issue_client(ca, "merchant-42")
     cert = x509.load_pem_x509_certificate(client.cert_pem)
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
-    assert "merchant-42" == tlsgen.merchant_from_cert(client.cert_pem)
+    assert "merchant-42" == peers.merchant_from_cert(client.cert_pem)
 
 
 def test_common_name_alone_names_no_merchant() -> None:
     """A certificate without the merchant URI (a server's, say) identifies no merchant."""
     ca = tlsgen.new_ca()
     server = tlsgen.issue_server(ca, ("localhost",))
-    assert tlsgen.merchant_from_cert(server.cert_pem) is None
+    assert peers.merchant_from_cert(server.cert_pem) is None
 
 
 def test_issued_repr_hides_the_key() -> None:
@@ -36,12 +37,12 @@ def test_app_certificate_names_its_app_and_no_merchant() -> None:
     app = tlsgen.issue_app(ca, "shop-app")
     cert = x509.load_pem_x509_certificate(app.cert_pem)
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
-    assert "shop-app" == tlsgen.app_from_cert(app.cert_pem)
-    assert tlsgen.merchant_from_cert(app.cert_pem) is None
+    assert "shop-app" == peers.app_from_cert(app.cert_pem)
+    assert peers.merchant_from_cert(app.cert_pem) is None
 
 
 def test_merchant_or_server_certificate_names_no_app() -> None:
     """Only the app SAN URI names an app: a merchant's CN or URI does not, nor a server's."""
     ca = tlsgen.new_ca()
-    assert tlsgen.app_from_cert(tlsgen.issue_client(ca, "shop-app").cert_pem) is None
-    assert tlsgen.app_from_cert(tlsgen.issue_server(ca, ("shop-app",)).cert_pem) is None
+    assert peers.app_from_cert(tlsgen.issue_client(ca, "shop-app").cert_pem) is None
+    assert peers.app_from_cert(tlsgen.issue_server(ca, ("shop-app",)).cert_pem) is None

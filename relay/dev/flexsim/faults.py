@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_log = structlog.get_logger("relay.flexsim")
+_log = structlog.get_logger("relay.dev.flexsim")
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@
 authenticated session (create + verify the capture context) and one token (encrypt + POST +
 verify the transient token), sequentially and then with C in flight.
 
-`relay bench e2e` starts the whole local stack (relay.stack) and measures the three-party
+`relay bench e2e` starts the whole local stack (relay.dev.stack) and measures the three-party
 path: plain sequential RequestToken calls next to one RequestTokens bulk stream.
 
 The sides add scenarios of their own through the `relay.bench` entry-point group (pci_side:
@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 
 from relay.cards import CardData, Pan, SecurityCode, luhn_ok
 from relay.config import FlexConfig, FlexCredentials
+from relay.dev.procs import Child
+from relay.dev.stack import local_stack
 from relay.flex.client import FlexClient, new_http_client
 from relay.flex.models import CaptureContext
 from relay.flex.signing import decode_shared_secret
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
-from relay.procs import Child
-from relay.stack import local_stack
 
 T = TypeVar("T")
 SCENARIO_GROUP = "relay.bench"

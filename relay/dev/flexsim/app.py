@@ -23,14 +23,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.errors import InvalidFieldSpec
-from relay.flex.fields import parse_session_request
-from relay.flex.signing import body_digest
-from relay.flexsim import jwt
-from relay.flexsim.auth import AuthFailure, MerchantKey, verify_request
-from relay.flexsim.faults import FaultMiddleware, Faults
-from relay.flexsim.keys import LongTermKeys, OneTimeKeys, random_id
-from relay.flexsim.tokens import (
+from relay.dev.flexsim import jwt
+from relay.dev.flexsim.auth import AuthFailure, MerchantKey, verify_request
+from relay.dev.flexsim.faults import FaultMiddleware, Faults
+from relay.dev.flexsim.keys import LongTermKeys, OneTimeKeys, random_id
+from relay.dev.flexsim.tokens import (
     ApiError,
     SessionRecord,
     check_fields,
@@ -39,12 +36,15 @@ from relay.flexsim.tokens import (
     normalize_data,
     token_content,
 )
+from relay.errors import InvalidFieldSpec
+from relay.flex.fields import parse_session_request
+from relay.flex.signing import body_digest
 
 CONTEXT_TYPE = "api-0.1.0"
 TOKEN_TTL = 900
 MAX_BODY_BYTES = 64 * 1024
 
-_log = structlog.get_logger("relay.flexsim")
+_log = structlog.get_logger("relay.dev.flexsim")
 
 
 @dataclass(slots=True)

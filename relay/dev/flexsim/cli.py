@@ -10,12 +10,12 @@ from pathlib import Path
 import structlog
 
 from relay.cli import port_argument
+from relay.dev.flexsim.app import FlexSimulator
+from relay.dev.flexsim.auth import MerchantKey
+from relay.dev.flexsim.faults import Faults
+from relay.dev.flexsim.server import bind, serve
 from relay.errors import ConfigError
 from relay.flex.signing import decode_shared_secret
-from relay.flexsim.app import FlexSimulator
-from relay.flexsim.auth import MerchantKey
-from relay.flexsim.faults import Faults
-from relay.flexsim.server import bind, serve
 from relay.logging import configure_logging
 from relay.secrets import Secret
 
@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError([f"cannot listen on {args.host}:{args.port}: {exc.strerror}"]) from None
     host, port = sock.getsockname()[:2]
     scheme = "https" if tls else "http"
-    log = structlog.get_logger("relay.flexsim")
+    log = structlog.get_logger("relay.dev.flexsim")
 
     def ready() -> None:
         log.info(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Generator
 
 import uvicorn
 
-from relay.flexsim.app import FlexSimulator, build_app
+from relay.dev.flexsim.app import FlexSimulator, build_app
 
 
 class _Server(uvicorn.Server):

@@ -1,6 +1,6 @@
 """A local three-party stack, each party its own `relay` process, as deployed.
 
-Used by `relay demo` and `relay bench`. It writes throwaway certificates (relay.tlsgen), a KEK
+Used by `relay demo` and `relay bench`. It writes throwaway certificates (relay.dev.tlsgen), a KEK
 keyring, a fingerprint key, an audit key, the receipt signing key (and its public half, which
 the demo verifies receipts with) and the Flex shared secret into a temp dir (files, mode 0600,
 as Kubernetes Secrets would mount them), starts the Flex simulator (unless a real Flex is
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import grpc
 
-from relay import tlsgen
+from relay.dev import tlsgen
+from relay.dev.procs import Child
 from relay.errors import ConfigError
-from relay.procs import Child
 from relay.receipts import ReceiptSigner, generate_receipt_key
 
 MERCHANT_ID = "demo_merchant"

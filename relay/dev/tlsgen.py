@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-MERCHANT_URI_PREFIX = "urn:relay:merchant:"
-APP_URI_PREFIX = "urn:relay:app:"
+from relay.peers import APP_URI_PREFIX, MERCHANT_URI_PREFIX
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,40 +129,6 @@ def _issue(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return Issued(_cert_pem(builder.sign(ca_key, hashes.SHA256())), _key_pem(key))
-
-
-def merchant_from_cert(cert_pem: bytes) -> str | None:
-    """The merchant a client certificate names in its SAN URI `urn:relay:merchant:<id>`.
-
-    Only the URI counts, never the CN: a CA that also issues app or server certificates must
-    not turn their common names into merchant identities.
-    """
-    return name_from_cert(cert_pem, MERCHANT_URI_PREFIX)
-
-
-def app_from_cert(cert_pem: bytes) -> str | None:
-    """The app a client certificate names in its SAN URI `urn:relay:app:<id>`.
-
-    As for merchants, only the URI counts: a merchant's certificate (or a server's) issued by
-    the same CA names no app.
-    """
-    return name_from_cert(cert_pem, APP_URI_PREFIX)
-
-
-def name_from_cert(cert_pem: bytes, prefix: str) -> str | None:
-    """What follows prefix in the certificate's first SAN URI that starts with it, else None.
-
-    The caller checks the name against its id rules: this only reads it.
-    """
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(prefix):
-            return uri[len(prefix) :]
-    return None
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:

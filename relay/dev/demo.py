@@ -1,6 +1,6 @@
 """`relay demo`: the three parties on embedded defaults, each in its own process, as deployed.
 
-relay.stack starts the simulator, the PCI side (its vault seeded with public test cards by the
+relay.dev.stack starts the simulator, the PCI side (its vault seeded with public test cards by the
 PCI side's own command) and the MerchantGateway over mutual TLS. The demo then acts as a
 merchant app: one RequestTokens stream for every demo card, a table of masked results, one
 decoded token, its receipt verified with the PCI side's public key, and throughput and
@@ -12,23 +12,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import secrets
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from relay import rpc
 from relay.cards import CARD_TYPE_NAMES
+from relay.dev.stack import LocalStack, RealFlex, local_stack
 from relay.errors import ConfigError, ReceiptInvalid
 from relay.pb.v1 import merchant_gateway_pb2, merchant_gateway_pb2_grpc
-from relay.progress import Progress
 from relay.receipts import verify_receipt
-from relay.stack import LocalStack, RealFlex, local_stack
 
 TEST_FLEX_ORIGINS = "https://apitest.cybersource.com,https://testflex.cybersource.com"
 
@@ -85,22 +83,10 @@ async def _tokenize(stack: LocalStack, card_refs: list[str]) -> tuple[list[Row],
     async with stack.gateway_channel() as channel:
         stub = merchant_gateway_pb2_grpc.MerchantGatewayStub(channel)  # type: ignore[no-untyped-call]
         sent: dict[str, tuple[str, float]] = {}
-        progress = Progress(sys.stderr, total=len(card_refs), unit="tokens")
-        rows: list[Row] = []
         started = time.perf_counter()
-        with _closing(progress):
-            async for result in stub.RequestTokens(_requests(card_refs, sent), timeout=120):
-                rows.append(_row(result, sent, progress))
-                progress.advance(1)
+        results = stub.RequestTokens(_requests(card_refs, sent), timeout=120)
+        rows = [_row(result, sent) async for result in results]
         return rows, time.perf_counter() - started
-
-
-@contextlib.contextmanager
-def _closing(progress: Progress) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        progress.close()
 
 
 async def _requests(
@@ -112,14 +98,12 @@ async def _requests(
         yield merchant_gateway_pb2.TokenRequest(request_id=request_id, card_ref=card_ref)
 
 
-def _row(
-    result: merchant_gateway_pb2.TokenResult, sent: dict[str, tuple[str, float]], progress: Progress
-) -> Row:
+def _row(result: merchant_gateway_pb2.TokenResult, sent: dict[str, tuple[str, float]]) -> Row:
     card_ref, started = sent[result.request_id]
     seconds = time.perf_counter() - started
     if result.WhichOneof("outcome") != "token":
         error = rpc.error_from_pb(result.error)
-        progress.message(f"{card_ref}: {error.message} ({error.reason})")
+        print(f"{card_ref}: {error.message} ({error.reason})", file=sys.stderr)  # noqa: T201
         return Row(card_ref, "-", "-", f"error: {error.reason}", 0, "", seconds)
     token = result.token
     return Row(
